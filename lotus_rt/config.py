@@ -1,0 +1,98 @@
+"""Reads and validates configuration from the environment, before anything is submitted.
+
+lotus_rt's own knobs are ``LOTUS_*``; StarPU's knobs keep StarPU's names and StarPU reads them
+itself. lotus_rt only checks the StarPU values that would otherwise abort the process or be
+silently ignored (an unknown ``STARPU_SCHED``, a non-integer ``STARPU_NCPU``) and reports them.
+
+    >>> read_settings({"LOTUS_ENGINE": "inline"}).engine
+    'inline'
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from lotus_rt.errors import ConfigError
+
+ENGINES = ("starpu", "inline")
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}
+
+# StarPU variables whose value must be a non-negative integer (StarPU's meaning for -1 aside).
+STARPU_INT_VARS = ("STARPU_NCPU", "STARPU_NCUDA", "STARPU_NOPENCL", "STARPU_CALIBRATE")
+# StarPU variables worth reporting in `info`-like output.
+STARPU_REPORTED_VARS = ("STARPU_SCHED", "STARPU_NCPU", "STARPU_NCUDA", "STARPU_CALIBRATE",
+                        "STARPU_PERF_MODEL_DIR", "STARPU_WORKERS_NOBIND", "STARPU_HOME",
+                        "STARPU_SILENT")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """lotus_rt's own settings. ``engine`` is None when LOTUS_ENGINE is unset (auto)."""
+
+    engine: str | None = None
+    trace: bool = True
+    trace_capacity: int = 65536
+
+
+def _choice(env: Mapping[str, str], name: str, choices: Iterable[str]) -> str | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    value = raw.strip().lower()
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{name}={raw!r} is not valid; valid values: {', '.join(choices)}")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} is not valid; expected a positive integer")
+    return value
+
+
+def read_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Parse every LOTUS_* variable; raise ConfigError naming the variable on a bad value."""
+    env = os.environ if env is None else env
+    trace = _choice(env, "LOTUS_TRACE", BOOLEANS)
+    return Settings(
+        engine=_choice(env, "LOTUS_ENGINE", ENGINES),
+        trace=True if trace is None else BOOLEANS[trace],
+        trace_capacity=_positive_int(env, "LOTUS_TRACE_CAPACITY", Settings.trace_capacity),
+    )
+
+
+def check_starpu_env(policies: Iterable[str], env: Mapping[str, str] | None = None) -> None:
+    """Validate the StarPU variables StarPU would abort on or silently misread."""
+    env = os.environ if env is None else env
+    policies = list(policies)
+    sched = env.get("STARPU_SCHED")
+    if sched and sched not in policies:
+        raise ConfigError(f"STARPU_SCHED={sched!r} is not a scheduling policy of this StarPU; "
+                          f"valid values: {', '.join(policies)}")
+    for name in STARPU_INT_VARS:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or value < -1:
+            raise ConfigError(f"{name}={raw!r} is not valid; expected an integer >= 0 "
+                              "(or -1 for StarPU's default)")
+
+
+def starpu_env_report(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The StarPU variables that are set, as StarPU will read them."""
+    env = os.environ if env is None else env
+    return {name: env[name] for name in STARPU_REPORTED_VARS if name in env}

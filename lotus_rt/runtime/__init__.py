@@ -1,0 +1,227 @@
+"""The engine-neutral runtime API: register arrays, define codelets, submit tasks, wait.
+
+    >>> import numpy as np, lotus_rt
+    >>> rt = lotus_rt.runtime()                      # process-wide, initialised on first use
+    >>> a = np.arange(4.0); h = rt.register(a)
+    >>> double = rt.codelet("double", cpu=lambda x: np.multiply(x, 2, out=x))
+    >>> fut = rt.submit(double, (h, "RW"))
+    >>> rt.wait(); h.unregister()[-1]
+    6.0
+
+The engine is StarPU (``LOTUS_ENGINE=starpu``, the default) or ``inline``, the sequential
+reference that runs each task at submit. With LOTUS_ENGINE unset and StarPU unavailable, one
+warning is given and ``inline`` is used. Every check on user input happens here, before a task
+reaches the engine.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import sys
+import threading
+import warnings
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+
+from lotus_rt import config
+from lotus_rt.errors import StarPUUnavailable
+from lotus_rt.runtime.core import (Codelet, ErrorLog, Future, Handle, Task, TaskRecord, WorkerStats,
+                                   check_priority, parse_accesses, raise_collected, task_name,
+                                   validate_array)
+from lotus_rt.runtime.inline import InlineEngine
+
+__all__ = ["Runtime", "runtime", "shutdown", "Codelet", "Handle", "Future", "WorkerStats", "TaskRecord"]
+
+
+class Runtime:
+    """One engine plus the bookkeeping every engine shares (errors, live handles)."""
+
+    def __init__(self, settings: config.Settings | None = None):
+        settings = config.read_settings() if settings is None else settings
+        self._errors = ErrorLog()
+        self._engine = self._start_engine(settings)
+        self._ids = itertools.count(1)
+        self._live: weakref.WeakSet[Handle] = weakref.WeakSet()
+        self._closed = False
+
+    def _start_engine(self, settings: config.Settings) -> Any:
+        if settings.engine == "inline":
+            return InlineEngine(settings, self._errors)
+        from lotus_rt.runtime.starpu_engine import StarPUEngine
+        try:
+            return StarPUEngine(settings, self._errors)
+        except StarPUUnavailable as exc:
+            if settings.engine == "starpu":
+                raise StarPUUnavailable(f"LOTUS_ENGINE=starpu but StarPU cannot be used: {exc}") from exc
+            warnings.warn(f"lotus_rt: StarPU is unavailable, using the sequential 'inline' engine "
+                          f"(set LOTUS_ENGINE=inline to silence this): {exc}", RuntimeWarning, stacklevel=3)
+            return InlineEngine(settings, self._errors)
+
+    # ------------------------------------------------------------------ description
+
+    @property
+    def engine(self) -> str:
+        return self._engine.name
+
+    @property
+    def workers(self) -> list[tuple[str, str]]:
+        """(kind, name) of every worker: kind is "cpu" or "cuda"."""
+        return list(self._engine.workers)
+
+    @property
+    def policy(self) -> str:
+        return self._engine.policy
+
+    def __repr__(self) -> str:
+        return f"Runtime(engine={self.engine!r}, policy={self.policy!r}, workers={len(self.workers)})"
+
+    # ------------------------------------------------------------------ data
+
+    def register(self, array: np.ndarray) -> Handle:
+        """Register a C-contiguous NumPy array (zero copy); the array stays the data's home."""
+        self._check_open()
+        array = validate_array(array)
+        handle = Handle(self, array, self._engine.register(array))
+        self._live.add(handle)
+        return handle
+
+    def _unregister(self, handle: Handle) -> None:
+        self._live.discard(handle)
+        if self._closed:
+            return
+        self._check_not_in_task("unregister()")
+        self._engine.unregister(handle._ref, handle.array)
+
+    def _orphan(self, handle: Handle) -> None:
+        if not self._closed and hasattr(self._engine, "orphan"):
+            self._engine.orphan(handle._ref, handle.array)
+
+    def _acquire(self, handle: Handle, mode: str) -> None:
+        self._check_open()
+        self._check_not_in_task("acquire()")
+        self._engine.acquire(handle._ref, mode)
+
+    def _release(self, handle: Handle) -> None:
+        self._engine.release(handle._ref)
+
+    # ------------------------------------------------------------------ tasks
+
+    def codelet(self, name: str, cpu: Callable[..., Any] | None = None,
+                cuda: Callable[..., Any] | None = None) -> Codelet:
+        """Define a codelet: ``cpu(*numpy_arrays, **kwargs)``, ``cuda(*cupy_arrays, **kwargs)``."""
+        return Codelet(name, cpu, cuda)
+
+    def submit(self, codelet: Codelet, *accesses: tuple[Handle, str], priority: int = 0,
+               name: str | None = None, **kwargs: Any) -> Future:
+        """Submit ``codelet`` on ``(handle, mode)`` pairs; the body gets the arrays in that order.
+
+        Orderings between tasks follow submission order on each handle (StarPU's implicit
+        sequential consistency). ``kwargs`` are passed to the body as they are.
+        """
+        self._check_open()
+        if not isinstance(codelet, Codelet):
+            raise TypeError(f"submit(): first argument must be a Codelet from runtime.codelet(), "
+                            f"got {type(codelet).__name__}")
+        handles, modes = parse_accesses(accesses, self)
+        if not self._can_run(codelet):
+            kinds = sorted({kind for kind, _ in self.workers})
+            raise ValueError(f"submit(): no worker can run codelet {codelet.name!r}: it has "
+                             f"{'a cpu' if codelet.cpu else 'no cpu'} body and "
+                             f"{'a cuda' if codelet.cuda else 'no cuda'} body, the workers are {kinds}")
+        label = task_name(codelet, name)
+        future = Future(label)
+        task = Task(codelet, handles, modes, kwargs, label, check_priority(priority), future)
+        future._waiter = self._engine.submit(task, next(self._ids))
+        return future
+
+    def _can_run(self, codelet: Codelet) -> bool:
+        kinds = {kind for kind, _ in self._engine.workers}
+        return (codelet.cpu is not None and "cpu" in kinds) or (codelet.cuda is not None and "cuda" in kinds)
+
+    def wait(self) -> None:
+        """Wait for every submitted task; raise the first codelet failure not yet reported."""
+        self._check_open()
+        self._check_not_in_task("wait()")
+        self._engine.wait_all()
+        raise_collected(self._errors.take())
+
+    # ------------------------------------------------------------------ observation
+
+    def stats(self, reset: bool = False) -> list[WorkerStats]:
+        """Per worker: tasks run and seconds spent running them (since start or last reset)."""
+        self._check_open()
+        return self._engine.stats(reset)
+
+    def trace(self, clear: bool = False) -> list[TaskRecord]:
+        """Per finished task: id, name, worker, kind, start and end (s since runtime start)."""
+        self._check_open()
+        return self._engine.trace(clear)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def shutdown(self) -> None:
+        """Wait for all tasks, unregister what is still registered, stop the engine."""
+        if self._closed:
+            return
+        self._check_not_in_task("shutdown()")
+        try:
+            self._engine.wait_all()
+            for handle in list(self._live):
+                handle.unregister()
+        finally:
+            self._closed = True
+            self._engine.shutdown()
+        pending = self._errors.take()
+        if pending:
+            warnings.warn(f"lotus_rt: {len(pending)} task(s) failed and were never waited for; "
+                          f"first: {pending[0]}", RuntimeWarning, stacklevel=2)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this runtime has been shut down; call lotus_rt.runtime() for a new one")
+
+    def _check_not_in_task(self, what: str) -> None:
+        if self._engine.in_task():
+            raise RuntimeError(f"{what} cannot be called from inside a codelet body: it would "
+                               "wait for the worker that is running it")
+
+
+_lock = threading.Lock()
+_current: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The process-wide runtime, started on first use (again after ``shutdown()``)."""
+    global _current
+    current = _current
+    if current is not None and not current.closed:
+        return current
+    with _lock:
+        if _current is None or _current.closed:
+            _current = Runtime()
+        return _current
+
+
+def shutdown() -> None:
+    """Shut the process-wide runtime down (a later ``runtime()`` starts a fresh one)."""
+    global _current
+    with _lock:
+        current, _current = _current, None
+    if current is not None:
+        current.shutdown()
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception as exc:  # noqa: BLE001 - report, never hang or crash at exit
+        print(f"lotus_rt: error while shutting down at exit: {exc}", file=sys.stderr)
+
+
+atexit.register(_shutdown_at_exit)

@@ -1,0 +1,296 @@
+"""Engine-neutral objects of the runtime: codelets, data handles, tasks, futures, records.
+
+An engine (StarPU or inline) only has to move bytes and run bodies; everything a user can
+get wrong is checked here, before a task reaches an engine. A task's body runs through
+:func:`run_body`, which turns an exception into a :class:`CodeletError` stored on the task's
+future and on the runtime's error list, so that it surfaces from ``future.result()`` and
+``runtime.wait()`` instead of killing a worker thread.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from lotus_rt.errors import CodeletError, ConfigError
+
+MODES = ("R", "W", "RW")
+NAME_MAX = 47  # StarPU task names are copied into 48-byte C buffers
+
+
+class Codelet:
+    """A named kernel with a CPU body and, optionally, a CUDA body: ``fn(*arrays, **kwargs)``."""
+
+    __slots__ = ("name", "cpu", "cuda", "__weakref__")
+
+    def __init__(self, name: str, cpu: Callable[..., Any] | None, cuda: Callable[..., Any] | None):
+        if not isinstance(name, str) or not name or len(name) > NAME_MAX - 6:
+            raise ValueError(f"codelet name must be a non-empty string of at most {NAME_MAX - 6} "
+                             f"characters, got {name!r}")
+        if cpu is None and cuda is None:
+            raise ValueError(f"codelet {name!r} needs a cpu body, a cuda body, or both")
+        for kind, fn in (("cpu", cpu), ("cuda", cuda)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"codelet {name!r}: the {kind} body must be callable, got {type(fn).__name__}")
+        self.name = name
+        self.cpu = cpu
+        self.cuda = cuda
+
+    def __repr__(self) -> str:
+        kinds = [k for k in ("cpu", "cuda") if getattr(self, k) is not None]
+        return f"Codelet({self.name!r}, {'+'.join(kinds)})"
+
+
+class Handle:
+    """A NumPy array registered with an engine (zero copy). The array is the data's home.
+
+    While registered, read the data through ``with handle.acquire("R"):`` or after
+    ``handle.unregister()``, which waits for the tasks using it and leaves the data in the array.
+    """
+
+    __slots__ = ("_runtime", "array", "shape", "dtype", "nbytes", "key", "_ref", "_registered",
+                 "__weakref__")
+
+    def __init__(self, runtime: Any, array: np.ndarray, ref: Any):
+        self._runtime = runtime
+        self.array = array
+        self.shape = array.shape
+        self.dtype = array.dtype
+        self.nbytes = array.nbytes
+        self.key = f"{array.dtype.str}{array.shape}"
+        self._ref = ref
+        self._registered = True
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    def unregister(self) -> np.ndarray:
+        """Wait for the tasks using this data, bring it home, and forget the handle."""
+        if self._registered:
+            self._registered = False
+            self._runtime._unregister(self)
+        return self.array
+
+    def acquire(self, mode: str = "R") -> "_Acquired":
+        """Context manager giving the array back to Python for reading (R) or writing (RW)."""
+        if mode not in ("R", "RW"):
+            raise ValueError(f"acquire mode must be 'R' or 'RW', got {mode!r}")
+        if not self._registered:
+            raise RuntimeError("cannot acquire an unregistered handle")
+        return _Acquired(self, mode)
+
+    def __repr__(self) -> str:
+        state = "registered" if self._registered else "unregistered"
+        return f"Handle(shape={self.shape}, dtype={self.dtype}, {state})"
+
+    def __del__(self):
+        if getattr(self, "_registered", False):
+            self._registered = False
+            try:
+                self._runtime._orphan(self)
+            except Exception:  # interpreter shutdown: nothing left to release
+                pass
+
+
+class _Acquired:
+    __slots__ = ("handle", "mode")
+
+    def __init__(self, handle: Handle, mode: str):
+        self.handle = handle
+        self.mode = mode
+
+    def __enter__(self) -> np.ndarray:
+        self.handle._runtime._acquire(self.handle, self.mode)
+        return self.handle.array
+
+    def __exit__(self, *exc) -> None:
+        self.handle._runtime._release(self.handle)
+
+
+class Future:
+    """The outcome of one task. ``result()`` waits for it and raises its CodeletError, if any."""
+
+    __slots__ = ("task_name", "_waiter", "_error", "_observed")
+
+    def __init__(self, task_name: str, waiter: Any = None):
+        self.task_name = task_name
+        self._waiter = waiter  # engine object with done() and wait(timeout); None: already done
+        self._error: CodeletError | None = None
+        self._observed = False
+
+    def done(self) -> bool:
+        return self._waiter is None or self._waiter.done()
+
+    def exception(self, timeout: float | None = None) -> CodeletError | None:
+        if self._waiter is not None and not self._waiter.wait(timeout):
+            raise TimeoutError(f"task {self.task_name!r} did not finish within {timeout} s")
+        self._observed = True
+        return self._error
+
+    def result(self, timeout: float | None = None) -> None:
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error is not None else ("done" if self.done() else "pending")
+        return f"Future({self.task_name!r}, {state})"
+
+
+@dataclass(eq=False)
+class Task:
+    """A submitted task as the engines see it; modes are "R", "W" or "RW"."""
+
+    codelet: Codelet
+    handles: tuple[Handle, ...]
+    modes: tuple[str, ...]
+    kwargs: dict[str, Any]
+    name: str
+    priority: int
+    future: Future
+
+
+class WorkerStats(NamedTuple):
+    worker: str
+    kind: str
+    tasks: int
+    busy_s: float
+
+
+class TaskRecord(NamedTuple):
+    task_id: int
+    name: str
+    worker: str
+    kind: str
+    start_s: float
+    end_s: float
+
+
+def footprint(codelet: Codelet, handles: tuple[Handle, ...], kwargs: dict[str, Any]) -> int:
+    """Stable 32-bit hash of what decides a task's duration: codelet, shapes, dtypes, scalars.
+
+    StarPU's history-based performance model keys its measurements with it, and the models
+    persist across processes, so it must not use Python's salted ``hash``.
+    """
+    parts = [codelet.name]
+    parts.extend(h.key for h in handles)
+    for key in sorted(kwargs):
+        value = kwargs[key]
+        if isinstance(value, (int, float, str, bool, tuple)) or value is None:
+            parts.append(f"{key}={value!r}")
+    return zlib.crc32("|".join(parts).encode())
+
+
+class ErrorLog:
+    """Codelet failures not yet reported by ``wait()`` (appended from worker threads)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._errors: list[tuple[Future, CodeletError]] = []
+
+    def add(self, future: Future, error: CodeletError) -> None:
+        with self._lock:
+            self._errors.append((future, error))
+
+    def take(self) -> list[CodeletError]:
+        """The failures whose futures nobody has looked at, oldest first; clears the log."""
+        with self._lock:
+            errors, self._errors = self._errors, []
+        return [err for fut, err in errors if not fut._observed]
+
+
+def run_body(task: Task, fn: Callable[..., Any], arrays: list[Any], worker: str, errors: ErrorLog) -> None:
+    """Call a codelet body; any exception becomes the task's CodeletError."""
+    try:
+        fn(*arrays, **task.kwargs)
+    except BaseException as exc:  # noqa: BLE001 - a body must never take a worker down
+        error = CodeletError(
+            f"codelet {task.codelet.name!r} (task {task.name!r}) failed on worker {worker}: "
+            f"{type(exc).__name__}: {exc}",
+            codelet=task.codelet.name, task=task.name, worker=worker)
+        error.__cause__ = exc
+        task.future._error = error
+        errors.add(task.future, error)
+
+
+def raise_collected(errors: list[CodeletError]) -> None:
+    """Raise the first of several codelet failures, saying how many there were."""
+    if not errors:
+        return
+    first = errors[0]
+    if len(errors) > 1:
+        first.add_note(f"{len(errors) - 1} more task(s) failed since the last wait(): "
+                       + "; ".join(f"{e.task!r}" for e in errors[1:6]))
+    raise first
+
+
+def validate_array(array: Any) -> np.ndarray:
+    """Check an array can be registered zero-copy; raise a ValueError/TypeError naming why."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"register() takes a numpy.ndarray, got {type(array).__name__}")
+    if array.dtype.hasobject or array.dtype.kind not in "biufc":
+        raise TypeError(f"register(): dtype {array.dtype} is not supported; use a boolean, "
+                        "integer, floating or complex dtype")
+    if not array.flags.c_contiguous:
+        raise ValueError("register() needs a C-contiguous array (zero-copy registration); "
+                         "pass numpy.ascontiguousarray(a)")
+    if array.size == 0:
+        raise ValueError(f"register(): cannot register an empty array (shape {array.shape})")
+    if not array.dtype.isnative:
+        raise TypeError(f"register(): dtype {array.dtype} is not in native byte order")
+    return array
+
+
+def parse_accesses(accesses: tuple[Any, ...], runtime: Any) -> tuple[tuple[Handle, ...], tuple[str, ...]]:
+    """Split ``((handle, mode), ...)`` into handles and modes, checking each pair."""
+    handles, modes = [], []
+    for i, access in enumerate(accesses):
+        if not (isinstance(access, tuple) and len(access) == 2):
+            raise TypeError(f"submit(): argument {i} must be a (handle, mode) pair, got {access!r}")
+        handle, mode = access
+        if not isinstance(handle, Handle):
+            raise TypeError(f"submit(): argument {i} must hold a Handle from runtime.register(), "
+                            f"got {type(handle).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"submit(): access mode {mode!r} of argument {i} is not valid; "
+                             f"valid modes: {', '.join(MODES)}")
+        if handle._runtime is not runtime or not handle._registered:
+            raise ValueError(f"submit(): argument {i} is a handle that is unregistered or belongs "
+                             "to another runtime instance")
+        if mode != "R" and not handle.array.flags.writeable:
+            raise ValueError(f"submit(): argument {i} is a read-only array and cannot be accessed "
+                             f"with mode {mode!r}")
+        handles.append(handle)
+        modes.append(mode)
+    seen: dict[int, str] = {}
+    for handle, mode in zip(handles, modes):
+        previous = seen.get(id(handle))
+        if previous is not None and (previous != "R" or mode != "R"):
+            raise ValueError("submit(): the same handle appears twice in one task with a write "
+                             "mode; pass it once with mode 'RW'")
+        seen[id(handle)] = mode
+    return tuple(handles), tuple(modes)
+
+
+def task_name(codelet: Codelet, name: str | None) -> str:
+    if name is None:
+        return codelet.name
+    if not isinstance(name, str) or len(name) > NAME_MAX:
+        raise ValueError(f"submit(): task name must be a string of at most {NAME_MAX} characters, "
+                         f"got {name!r}")
+    return name
+
+
+def check_priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+        raise TypeError(f"submit(): priority must be an int, got {priority!r}")
+    return int(priority)
+
+
+def monotonic() -> float:
+    return time.perf_counter()

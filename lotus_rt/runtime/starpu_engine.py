@@ -1,0 +1,265 @@
+"""The ``starpu`` engine: tasks go to real StarPU through lotus_rt's cffi binding.
+
+State and algorithm. StarPU owns scheduling, data coherency and dependencies: arrays are
+registered with the vector interface (zero copy, the NumPy array is the home copy) and every
+task is submitted with StarPU's implicit sequential consistency, so read/write orderings follow
+submission order. Python keeps only:
+
+- ``_pending``: task id -> Task, filled before ``starpu_task_submit`` and popped by the worker
+  that runs the task (``lotus_py_exec``, entered with the GIL taken by cffi). The worker builds
+  NumPy views (CPU) or CuPy views (CUDA, on StarPU's local stream) on StarPU's buffers.
+- the task's C record, owned jointly by the C completion callback and the Future (``ffi.gc``),
+  so ``Future.result()`` waits on a condition variable without any Python in the callback.
+- ``_orphans``: handles garbage-collected while registered; they are unregistered at the next
+  ``wait()``, since unregistering blocks and must not run on a worker thread.
+
+Per-worker counts and busy time come from StarPU's profiling; per-task records come from a
+bounded ring filled by the C completion callback.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from lotus_rt import config
+from lotus_rt.config import Settings
+from lotus_rt.errors import StarPUUnavailable
+from lotus_rt.runtime.core import ErrorLog, Task, TaskRecord, WorkerStats, footprint, run_body
+from lotus_rt.starpu import load, policies
+
+KINDS = {0: "cpu", 1: "cuda", 2: "other"}
+ENOERR = {-19: "ENODEV: no worker of this StarPU can run this codelet",
+          -7: "E2BIG: too many arrays for one task"}
+
+_active: "StarPUEngine | None" = None
+_extern_lock = threading.Lock()
+_extern_defined = False
+
+
+def _define_entry_point(ffi: Any, lib: Any) -> None:
+    """Bind the C entry point ``lotus_py_exec`` to the active engine (once per process)."""
+    global _extern_defined
+    with _extern_lock:
+        if _extern_defined:
+            return
+
+        @ffi.def_extern(onerror=_entry_point_failed)
+        def lotus_py_exec(task_id, ptrs, n, kind, worker, stream):
+            _active._execute(task_id, ptrs, n, kind, worker, stream)
+
+        _extern_defined = True
+
+
+def _entry_point_failed(exc_type, exc, tb) -> None:
+    # Only reachable if lotus_rt itself is broken (run_body catches body errors); say so loudly.
+    import traceback
+    traceback.print_exception(exc_type, exc, tb)
+
+
+class _RecWaiter:
+    """Waits on one task's C record; the record is released when this object dies."""
+
+    __slots__ = ("_rec", "_lib")
+
+    def __init__(self, rec: Any, lib: Any):
+        self._rec = rec
+        self._lib = lib
+
+    def done(self) -> bool:
+        return bool(self._lib.lotus_rec_done(self._rec))
+
+    def wait(self, timeout: float | None) -> bool:
+        return bool(self._lib.lotus_rec_wait(self._rec, -1.0 if timeout is None else float(timeout)))
+
+
+class StarPUEngine:
+    name = "starpu"
+
+    def __init__(self, settings: Settings, errors: ErrorLog):
+        global _active
+        if _active is not None:
+            raise RuntimeError("a StarPU engine is already running in this process; shut it down first")
+        self._ffi, self._lib = load()
+        config.check_starpu_env(policies())
+        # StarPU's own signal handlers would swallow Ctrl-C; keep Python's unless the user asks.
+        os.environ.setdefault("STARPU_CATCH_SIGNALS", "0")
+        _define_entry_point(self._ffi, self._lib)
+        ret = self._lib.lotus_init(1)
+        if ret != 0:
+            raise StarPUUnavailable(f"starpu_init failed with {ret} ({os.strerror(-ret) if ret < 0 else ret})")
+        _active = self
+        self._errors = errors
+        self._pending: dict[int, Task] = {}
+        self._codelets: dict[Any, Any] = {}
+        self._codelets_lock = threading.Lock()
+        self._orphans: list[tuple[Any, np.ndarray]] = []
+        self._mode_ints = {"R": self._lib.lotus_mode_r(), "W": self._lib.lotus_mode_w(),
+                           "RW": self._lib.lotus_mode_rw()}
+        self._max_buffers = self._lib.lotus_max_buffers()
+        self._t0_us = self._lib.lotus_now_us()
+        self.policy = self._ffi.string(self._lib.lotus_current_policy()).decode()
+        self.workers = [(KINDS[self._lib.lotus_worker_kind(i)], self._worker_name(i))
+                        for i in range(self._lib.lotus_worker_count())]
+        self._pin = any(kind == "cuda" for kind, _ in self.workers)
+        self._stats = [[0, 0.0] for _ in self.workers]
+        self._stats_lock = threading.Lock()
+        self._lib.lotus_trace_configure(int(settings.trace), settings.trace_capacity)
+        self._trace_capacity = settings.trace_capacity
+        self._blas_limits = _limit_blas_threads(sum(kind == "cpu" for kind, _ in self.workers))
+
+    def _worker_name(self, worker_id: int) -> str:
+        buf = self._ffi.new("char[128]")
+        self._lib.lotus_worker_name(worker_id, buf, 128)
+        return self._ffi.string(buf).decode()
+
+    # ------------------------------------------------------------------ data
+
+    def register(self, array: np.ndarray) -> Any:
+        if array.size >= 2**32:
+            raise ValueError(f"register(): {array.size} elements exceed StarPU's vector interface limit (2**32)")
+        ptr = self._ffi.cast("void *", array.ctypes.data)
+        if self._pin:
+            self._lib.lotus_pin(ptr, array.nbytes)
+        return self._lib.lotus_register(ptr, array.size, array.itemsize)
+
+    def unregister(self, ref: Any, array: np.ndarray) -> None:
+        self._lib.lotus_unregister(ref)
+        if self._pin:
+            self._lib.lotus_unpin(self._ffi.cast("void *", array.ctypes.data), array.nbytes)
+
+    def orphan(self, ref: Any, array: np.ndarray) -> None:
+        self._orphans.append((ref, array))
+
+    def acquire(self, ref: Any, mode: str) -> None:
+        ret = self._lib.lotus_acquire(ref, self._mode_ints[mode])
+        if ret != 0:
+            raise RuntimeError(f"starpu_data_acquire failed with {ret}")
+
+    def release(self, ref: Any) -> None:
+        self._lib.lotus_release(ref)
+
+    # ------------------------------------------------------------------ tasks
+
+    def _c_codelet(self, codelet: Any) -> Any:
+        c = self._codelets.get(codelet)
+        if c is None:
+            with self._codelets_lock:
+                c = self._codelets.get(codelet)
+                if c is None:
+                    c = self._lib.lotus_codelet_new(codelet.name.encode(), int(codelet.cpu is not None),
+                                                    int(codelet.cuda is not None))
+                    if c == self._ffi.NULL:
+                        raise MemoryError("cannot allocate a StarPU codelet")
+                    self._codelets[codelet] = c
+        return c
+
+    def submit(self, task: Task, task_id: int) -> _RecWaiter:
+        n = len(task.handles)
+        if n > self._max_buffers:
+            raise ValueError(f"submit(): a task takes at most {self._max_buffers} arrays with this "
+                             f"StarPU (STARPU_NMAXBUFS), got {n}")
+        ffi, lib = self._ffi, self._lib
+        handles = ffi.new("void *[]", [h._ref for h in task.handles]) if n else ffi.NULL
+        modes = ffi.new("int[]", [self._mode_ints[m] for m in task.modes]) if n else ffi.NULL
+        err = ffi.new("int *")
+        fp = footprint(task.codelet, task.handles, task.kwargs)
+        self._pending[task_id] = task
+        rec = lib.lotus_submit(self._c_codelet(task.codelet), handles, modes, n, task.priority,
+                               task.name.encode(), task_id, fp, err)
+        if rec == ffi.NULL:
+            self._pending.pop(task_id, None)
+            raise RuntimeError(f"starpu_task_submit failed for task {task.name!r}: "
+                               f"{ENOERR.get(err[0], err[0])}")
+        return _RecWaiter(ffi.gc(rec, lib.lotus_rec_release), lib)
+
+    def _execute(self, task_id: int, ptrs: Any, n: int, kind: int, worker: int, stream: Any) -> None:
+        task = self._pending.pop(task_id)
+        worker_name = self.workers[worker][1] if 0 <= worker < len(self.workers) else str(worker)
+        if kind == 1:
+            from lotus_rt.runtime import cuda_views
+            arrays = [cuda_views.device_array(ptrs[i], h.nbytes, h.shape, h.dtype)
+                      for i, h in enumerate(task.handles)]
+            with cuda_views.on_stream(stream):
+                run_body(task, task.codelet.cuda, arrays, worker_name, self._errors)
+            return
+        buffer, frombuffer = self._ffi.buffer, np.frombuffer
+        arrays = []
+        for i in range(n):
+            handle = task.handles[i]
+            view = frombuffer(buffer(ptrs[i], handle.nbytes), handle.dtype).reshape(handle.shape)
+            if task.modes[i] == "R":
+                view.flags.writeable = False
+            arrays.append(view)
+        run_body(task, task.codelet.cpu, arrays, worker_name, self._errors)
+
+    def in_task(self) -> bool:
+        return self._lib.lotus_current_worker() >= 0
+
+    def wait_all(self) -> None:
+        ret = self._lib.lotus_wait_all()
+        if ret != 0:
+            raise RuntimeError(f"starpu_task_wait_for_all failed with {ret}")
+        self._drain_orphans()
+
+    def _drain_orphans(self) -> None:
+        while self._orphans:
+            ref, array = self._orphans.pop()
+            self.unregister(ref, array)
+
+    # ------------------------------------------------------------------ observation
+
+    def stats(self, reset: bool) -> list[WorkerStats]:
+        ntasks, busy_us = self._ffi.new("int *"), self._ffi.new("double *")
+        with self._stats_lock:
+            for i, acc in enumerate(self._stats):
+                if self._lib.lotus_worker_stats(i, ntasks, busy_us) == 0:
+                    acc[0] += ntasks[0]
+                    acc[1] += busy_us[0] / 1e6
+            result = [WorkerStats(name, kind, acc[0], acc[1])
+                      for (kind, name), acc in zip(self.workers, self._stats)]
+            if reset:
+                self._stats = [[0, 0.0] for _ in self.workers]
+        return result
+
+    def trace(self, clear: bool) -> list[TaskRecord]:
+        out = self._ffi.new("struct lotus_trace_entry[]", self._trace_capacity)
+        copied = self._ffi.new("size_t *")
+        self._lib.lotus_trace_read(out, self._trace_capacity, copied)
+        if clear:
+            self._lib.lotus_trace_clear()
+        records = []
+        for i in range(copied[0]):
+            e = out[i]
+            kind, worker = self.workers[e.worker] if 0 <= e.worker < len(self.workers) else ("other", str(e.worker))
+            records.append(TaskRecord(int(e.id), self._ffi.string(e.name).decode(), worker, kind,
+                                      (e.start_us - self._t0_us) / 1e6, (e.end_us - self._t0_us) / 1e6))
+        return records
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        global _active
+        self.wait_all()
+        self._lib.lotus_shutdown()
+        for c in self._codelets.values():
+            self._lib.lotus_codelet_free(c)
+        self._codelets.clear()
+        self._lib.lotus_trace_configure(0, 0)
+        if self._blas_limits is not None:
+            self._blas_limits.restore_original_limits()
+        _active = None
+
+
+def _limit_blas_threads(ncpu_workers: int) -> Any:
+    """StarPU's CPU workers are the parallelism: one BLAS thread per task, not nested pools."""
+    if ncpu_workers <= 1:
+        return None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(limits=1, user_api="blas")
+

@@ -1,0 +1,135 @@
+"""Builds ``lotus_rt.starpu._lotus_starpu``: a cffi API-mode module compiled against StarPU.
+
+The StarPU to build against is the one pkg-config finds: ``starpu-1.4`` first, then
+``starpu-1.3``. ``STARPU_PREFIX`` points at a self-built StarPU (its ``lib/pkgconfig`` is put
+first on ``PKG_CONFIG_PATH`` and its library directory is baked in as an rpath). The cdef only
+names lotus_* functions from ``_shim.c``, whose signatures do not depend on the StarPU version.
+
+    python -m lotus_rt.starpu._build      # compile in place (what setup.py does via cffi_modules)
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import subprocess
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+PKG_NAMES = ("starpu-1.4", "starpu-1.3")
+
+CDEF = """
+typedef struct lotus_rec lotus_rec;
+typedef struct lotus_codelet lotus_codelet;
+struct lotus_trace_entry {
+    uint64_t id;
+    int worker;
+    double start_us;
+    double end_us;
+    char name[48];
+};
+
+void lotus_version(int *major, int *minor, int *release);
+int lotus_built_with_cuda(void);
+int lotus_max_buffers(void);
+int lotus_policy_count(void);
+const char *lotus_policy_name(int i);
+const char *lotus_policy_description(int i);
+
+int lotus_init(int enable_profiling);
+void lotus_shutdown(void);
+const char *lotus_current_policy(void);
+int lotus_worker_count(void);
+int lotus_worker_kind(int id);
+void lotus_worker_name(int id, char *dst, size_t maxlen);
+int lotus_current_worker(void);
+int lotus_cuda_worker_count(void);
+int lotus_worker_stats(int id, int *executed_tasks, double *executing_us);
+double lotus_now_us(void);
+int lotus_min_priority(void);
+int lotus_max_priority(void);
+
+void *lotus_register(void *ptr, size_t nelems, size_t elemsize);
+void lotus_unregister(void *handle);
+int lotus_acquire(void *handle, int mode);
+void lotus_release(void *handle);
+int lotus_pin(void *ptr, size_t size);
+int lotus_unpin(void *ptr, size_t size);
+int lotus_mode_r(void);
+int lotus_mode_w(void);
+int lotus_mode_rw(void);
+
+lotus_codelet *lotus_codelet_new(const char *name, int with_cpu, int with_cuda);
+void lotus_codelet_free(lotus_codelet *c);
+
+lotus_rec *lotus_submit(lotus_codelet *c, void **handles, int *modes, int n, int priority,
+                        const char *name, uint64_t id, uint32_t footprint, int *err);
+int lotus_rec_done(lotus_rec *rec);
+int lotus_rec_wait(lotus_rec *rec, double timeout_s);
+void lotus_rec_release(lotus_rec *rec);
+int lotus_wait_all(void);
+
+int lotus_trace_configure(int enabled, size_t capacity);
+uint64_t lotus_trace_read(struct lotus_trace_entry *out, size_t max, size_t *copied);
+void lotus_trace_clear(void);
+
+extern "Python" void lotus_py_exec(uint64_t id, void **ptrs, int n, int kind, int worker, void *stream);
+"""
+
+
+class StarPUNotFound(RuntimeError):
+    """No StarPU development files were found by pkg-config."""
+
+
+def _pkg_config_env() -> dict[str, str]:
+    env = dict(os.environ)
+    prefix = env.get("STARPU_PREFIX")
+    if prefix:
+        dirs = [os.path.join(prefix, sub, "pkgconfig") for sub in ("lib", "lib64", "lib/x86_64-linux-gnu")]
+        env["PKG_CONFIG_PATH"] = os.pathsep.join(dirs + [env.get("PKG_CONFIG_PATH", "")])
+    return env
+
+
+def find_starpu() -> tuple[str, str, list[str], list[str]]:
+    """Return (pkg name, version, cflags, libs) of the StarPU pkg-config finds."""
+    env = _pkg_config_env()
+    for name in PKG_NAMES:
+        try:
+            version = subprocess.run(["pkg-config", "--modversion", name], env=env, check=True,
+                                     capture_output=True, text=True).stdout.strip()
+            cflags = subprocess.run(["pkg-config", "--cflags", name], env=env, check=True,
+                                    capture_output=True, text=True).stdout
+            libs = subprocess.run(["pkg-config", "--libs", name], env=env, check=True,
+                                  capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        return name, version, shlex.split(cflags), shlex.split(libs)
+    raise StarPUNotFound(
+        "pkg-config finds neither starpu-1.4 nor starpu-1.3: install libstarpu-dev "
+        "(apt-get install libstarpu-dev pkg-config) or set STARPU_PREFIX to a StarPU install")
+
+
+def make_ffibuilder() -> FFI:
+    _, _, cflags, libs = find_starpu()
+    include_dirs = [f[2:] for f in cflags if f.startswith("-I")]
+    library_dirs = [f[2:] for f in libs if f.startswith("-L")]
+    libraries = [f[2:] for f in libs if f.startswith("-l")]
+    ffibuilder = FFI()
+    ffibuilder.cdef(CDEF)
+    ffibuilder.set_source(
+        "lotus_rt.starpu._lotus_starpu",
+        (HERE / "_shim.c").read_text(),
+        include_dirs=include_dirs,
+        library_dirs=library_dirs,
+        libraries=libraries,
+        runtime_library_dirs=library_dirs,
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    )
+    return ffibuilder
+
+
+ffibuilder = make_ffibuilder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent.parent), verbose=False)

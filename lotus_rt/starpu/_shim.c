@@ -1,0 +1,398 @@
+/* lotus_rt's C side of the StarPU binding.
+ *
+ * Python never touches StarPU structs: it calls the small lotus_* functions below, whose
+ * signatures stay the same across StarPU 1.3 and 1.4 (cffi API mode compiles this file
+ * against whichever headers pkg-config found, so struct layouts are the compiler's problem).
+ *
+ * How a task flows:
+ *   lotus_submit()      creates a starpu_task for a lotus_codelet, attaches a lotus_rec
+ *                       (task id, perf-model footprint, completion flag, reference count 2),
+ *                       and submits it with StarPU's implicit data dependencies.
+ *   lotus_cpu_func()    runs on a StarPU CPU worker; it collects the data pointers of the
+ *   lotus_cuda_func()   task's buffers (vector interface) and calls the Python entry point
+ *                       lotus_py_exec(id, ptrs, n, kind, worker, stream) (cffi takes the GIL).
+ *   lotus_task_done()   StarPU's completion callback, pure C: appends a trace record, marks
+ *                       the rec done, wakes waiting futures, drops the task's reference.
+ *   lotus_rec_release() drops Python's reference; the rec is freed when both are gone.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <starpu.h>
+#include <starpu_profiling.h>
+#ifdef STARPU_USE_CUDA
+#include <starpu_cuda.h>
+#endif
+
+#define LOTUS_NAME_MAX 48
+#define LOTUS_KIND_CPU 0
+#define LOTUS_KIND_CUDA 1
+#define LOTUS_KIND_OTHER 2
+
+typedef struct lotus_rec lotus_rec;
+typedef struct lotus_codelet lotus_codelet;
+
+/* Entry point implemented in Python (extern "Python" in the cdef). */
+static void lotus_py_exec(uint64_t id, void **ptrs, int n, int kind, int worker, void *stream);
+
+struct lotus_rec {
+    uint64_t id;
+    uint32_t footprint;
+    int nbuffers;
+    int refcount;
+    int done;
+    struct starpu_task *task;
+    char name[LOTUS_NAME_MAX];
+};
+
+struct lotus_codelet {
+    struct starpu_codelet cl;
+    struct starpu_perfmodel model;
+    char symbol[LOTUS_NAME_MAX + 8];
+};
+
+struct lotus_trace_entry {
+    uint64_t id;
+    int worker;
+    double start_us;
+    double end_us;
+    char name[LOTUS_NAME_MAX];
+};
+
+static pthread_mutex_t lotus_done_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t lotus_done_cond = PTHREAD_COND_INITIALIZER;
+static int lotus_waiters = 0;
+
+static pthread_mutex_t lotus_trace_mutex = PTHREAD_MUTEX_INITIALIZER;
+static struct lotus_trace_entry *lotus_trace_ring = NULL;
+static size_t lotus_trace_capacity = 0;
+static uint64_t lotus_trace_written = 0;
+static int lotus_trace_enabled = 0;
+
+/* ---------------------------------------------------------------- version, policies */
+
+static void lotus_version(int *major, int *minor, int *release)
+{
+    starpu_get_version(major, minor, release);
+}
+
+static int lotus_built_with_cuda(void)
+{
+#ifdef STARPU_USE_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int lotus_max_buffers(void) { return STARPU_NMAXBUFS; }
+
+static int lotus_policy_count(void)
+{
+    struct starpu_sched_policy **p = starpu_sched_get_predefined_policies();
+    int n = 0;
+    while (p[n]) n++;
+    return n;
+}
+
+static const char *lotus_policy_name(int i)
+{
+    return starpu_sched_get_predefined_policies()[i]->policy_name;
+}
+
+static const char *lotus_policy_description(int i)
+{
+    return starpu_sched_get_predefined_policies()[i]->policy_description;
+}
+
+/* ---------------------------------------------------------------- init, workers */
+
+static int lotus_init(int enable_profiling)
+{
+    int ret = starpu_init(NULL);
+    if (ret != 0) return ret;
+    if (enable_profiling) starpu_profiling_status_set(STARPU_PROFILING_ENABLE);
+    return 0;
+}
+
+static void lotus_shutdown(void) { starpu_shutdown(); }
+
+static const char *lotus_current_policy(void)
+{
+    struct starpu_sched_policy *p = starpu_sched_ctx_get_sched_policy(0);
+    return p && p->policy_name ? p->policy_name : "";
+}
+
+static int lotus_worker_count(void) { return (int)starpu_worker_get_count(); }
+
+static int lotus_worker_kind(int id)
+{
+    switch (starpu_worker_get_type(id)) {
+    case STARPU_CPU_WORKER: return LOTUS_KIND_CPU;
+    case STARPU_CUDA_WORKER: return LOTUS_KIND_CUDA;
+    default: return LOTUS_KIND_OTHER;
+    }
+}
+
+static void lotus_worker_name(int id, char *dst, size_t maxlen)
+{
+    starpu_worker_get_name(id, dst, maxlen);
+}
+
+static int lotus_current_worker(void) { return starpu_worker_get_id(); }
+
+static int lotus_cuda_worker_count(void) { return (int)starpu_cuda_worker_get_count(); }
+
+static int lotus_worker_stats(int id, int *executed_tasks, double *executing_us)
+{
+    struct starpu_profiling_worker_info info;
+    int ret = starpu_profiling_worker_get_info(id, &info); /* also resets the counters */
+    if (ret != 0) return ret;
+    *executed_tasks = info.executed_tasks;
+    *executing_us = starpu_timing_timespec_to_us(&info.executing_time);
+    return 0;
+}
+
+static double lotus_now_us(void) { return starpu_timing_now(); }
+
+static int lotus_min_priority(void) { return starpu_sched_get_min_priority(); }
+static int lotus_max_priority(void) { return starpu_sched_get_max_priority(); }
+
+/* ---------------------------------------------------------------- data */
+
+static void *lotus_register(void *ptr, size_t nelems, size_t elemsize)
+{
+    starpu_data_handle_t handle = NULL;
+    starpu_vector_data_register(&handle, STARPU_MAIN_RAM, (uintptr_t)ptr, (uint32_t)nelems, elemsize);
+    return handle;
+}
+
+static void lotus_unregister(void *handle) { starpu_data_unregister((starpu_data_handle_t)handle); }
+
+static int lotus_acquire(void *handle, int mode)
+{
+    return starpu_data_acquire((starpu_data_handle_t)handle, (enum starpu_data_access_mode)mode);
+}
+
+static void lotus_release(void *handle) { starpu_data_release((starpu_data_handle_t)handle); }
+
+static int lotus_pin(void *ptr, size_t size) { return starpu_memory_pin(ptr, size); }
+static int lotus_unpin(void *ptr, size_t size) { return starpu_memory_unpin(ptr, size); }
+
+static int lotus_mode_r(void) { return STARPU_R; }
+static int lotus_mode_w(void) { return STARPU_W; }
+static int lotus_mode_rw(void) { return STARPU_RW; }
+
+/* ---------------------------------------------------------------- codelets */
+
+static void lotus_cpu_func(void *buffers[], void *arg)
+{
+    struct lotus_rec *rec = (struct lotus_rec *)arg;
+    void *ptrs[STARPU_NMAXBUFS];
+    int i;
+    for (i = 0; i < rec->nbuffers; i++) ptrs[i] = (void *)STARPU_VECTOR_GET_PTR(buffers[i]);
+    lotus_py_exec(rec->id, ptrs, rec->nbuffers, LOTUS_KIND_CPU, starpu_worker_get_id(), NULL);
+}
+
+#ifdef STARPU_USE_CUDA
+static void lotus_cuda_func(void *buffers[], void *arg)
+{
+    struct lotus_rec *rec = (struct lotus_rec *)arg;
+    void *ptrs[STARPU_NMAXBUFS];
+    int i;
+    for (i = 0; i < rec->nbuffers; i++) ptrs[i] = (void *)STARPU_VECTOR_GET_PTR(buffers[i]);
+    lotus_py_exec(rec->id, ptrs, rec->nbuffers, LOTUS_KIND_CUDA, starpu_worker_get_id(),
+                  (void *)starpu_cuda_get_local_stream());
+}
+#endif
+
+/* The history-based model's footprint: the hash Python computed from shapes, dtypes and
+ * scalar arguments, so that 64x128 and 128x64 operands are calibrated separately. */
+static uint32_t lotus_footprint(struct starpu_task *task)
+{
+    return ((struct lotus_rec *)task->cl_arg)->footprint;
+}
+
+static struct lotus_codelet *lotus_codelet_new(const char *name, int with_cpu, int with_cuda)
+{
+    struct lotus_codelet *c = calloc(1, sizeof(*c));
+    if (!c) return NULL;
+    snprintf(c->symbol, sizeof(c->symbol), "lotus_%s", name);
+    starpu_codelet_init(&c->cl);
+    c->cl.where = 0;
+    if (with_cpu) {
+        c->cl.where |= STARPU_CPU;
+        c->cl.cpu_funcs[0] = lotus_cpu_func;
+    }
+#ifdef STARPU_USE_CUDA
+    if (with_cuda) {
+        c->cl.where |= STARPU_CUDA;
+        c->cl.cuda_funcs[0] = lotus_cuda_func;
+        c->cl.cuda_flags[0] = STARPU_CUDA_ASYNC;
+    }
+#else
+    (void)with_cuda;
+#endif
+    c->cl.nbuffers = STARPU_VARIABLE_NBUFFERS;
+    c->cl.name = c->symbol;
+    c->model.type = STARPU_HISTORY_BASED;
+    c->model.symbol = c->symbol;
+    c->model.footprint = lotus_footprint;
+    c->cl.model = &c->model;
+    return c;
+}
+
+static void lotus_codelet_free(struct lotus_codelet *c) { free(c); }
+
+/* ---------------------------------------------------------------- tasks */
+
+static void lotus_rec_release(struct lotus_rec *rec)
+{
+    if (__atomic_sub_fetch(&rec->refcount, 1, __ATOMIC_ACQ_REL) == 0) free(rec);
+}
+
+static void lotus_trace_push(struct lotus_rec *rec)
+{
+    struct starpu_profiling_task_info *info = rec->task->profiling_info;
+    struct lotus_trace_entry *e;
+    if (!info) return;
+    pthread_mutex_lock(&lotus_trace_mutex);
+    if (lotus_trace_enabled && lotus_trace_capacity) {
+        e = &lotus_trace_ring[lotus_trace_written % lotus_trace_capacity];
+        e->id = rec->id;
+        e->worker = info->workerid;
+        e->start_us = starpu_timing_timespec_to_us(&info->start_time);
+        e->end_us = starpu_timing_timespec_to_us(&info->end_time);
+        memcpy(e->name, rec->name, LOTUS_NAME_MAX);
+        lotus_trace_written++;
+    }
+    pthread_mutex_unlock(&lotus_trace_mutex);
+}
+
+static void lotus_task_done(void *arg)
+{
+    struct lotus_rec *rec = (struct lotus_rec *)arg;
+    lotus_trace_push(rec);
+    pthread_mutex_lock(&lotus_done_mutex);
+    __atomic_store_n(&rec->done, 1, __ATOMIC_RELEASE);
+    if (lotus_waiters) pthread_cond_broadcast(&lotus_done_cond);
+    pthread_mutex_unlock(&lotus_done_mutex);
+    lotus_rec_release(rec);
+}
+
+/* Returns the task's record (Python owns one reference) or NULL with *err set. */
+static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, int *modes, int n,
+                                      int priority, const char *name, uint64_t id,
+                                      uint32_t footprint, int *err)
+{
+    struct lotus_rec *rec;
+    struct starpu_task *task;
+    int i, ret;
+    *err = 0;
+    if (n < 0 || n > STARPU_NMAXBUFS) { *err = -E2BIG; return NULL; }
+    rec = calloc(1, sizeof(*rec));
+    if (!rec) { *err = -ENOMEM; return NULL; }
+    rec->id = id;
+    rec->footprint = footprint;
+    rec->nbuffers = n;
+    rec->refcount = 2;
+    strncpy(rec->name, name, LOTUS_NAME_MAX - 1);
+
+    task = starpu_task_create();
+    rec->task = task;
+    task->cl = &c->cl;
+    task->nbuffers = n;
+    for (i = 0; i < n; i++) {
+        task->handles[i] = (starpu_data_handle_t)handles[i];
+        task->modes[i] = (enum starpu_data_access_mode)modes[i];
+    }
+    task->cl_arg = rec;
+    task->callback_func = lotus_task_done;
+    task->callback_arg = rec;
+    task->priority = priority;
+    task->name = rec->name;
+    ret = starpu_task_submit(task);
+    if (ret != 0) {
+        task->destroy = 0;
+        starpu_task_destroy(task);
+        free(rec);
+        *err = ret;
+        return NULL;
+    }
+    return rec;
+}
+
+static int lotus_rec_done(struct lotus_rec *rec) { return __atomic_load_n(&rec->done, __ATOMIC_ACQUIRE); }
+
+/* Wait for one task; timeout_s < 0 waits forever. Returns 1 when done, 0 on timeout. */
+static int lotus_rec_wait(struct lotus_rec *rec, double timeout_s)
+{
+    struct timespec deadline;
+    int done;
+    if (timeout_s >= 0) {
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += (time_t)timeout_s;
+        deadline.tv_nsec += (long)((timeout_s - (double)(time_t)timeout_s) * 1e9);
+        if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+    }
+    pthread_mutex_lock(&lotus_done_mutex);
+    lotus_waiters++;
+    while (!(done = __atomic_load_n(&rec->done, __ATOMIC_ACQUIRE))) {
+        if (timeout_s < 0) pthread_cond_wait(&lotus_done_cond, &lotus_done_mutex);
+        else if (pthread_cond_timedwait(&lotus_done_cond, &lotus_done_mutex, &deadline) == ETIMEDOUT) {
+            done = __atomic_load_n(&rec->done, __ATOMIC_ACQUIRE);
+            break;
+        }
+    }
+    lotus_waiters--;
+    pthread_mutex_unlock(&lotus_done_mutex);
+    return done;
+}
+
+static int lotus_wait_all(void) { return starpu_task_wait_for_all(); }
+
+/* ---------------------------------------------------------------- trace ring */
+
+static int lotus_trace_configure(int enabled, size_t capacity)
+{
+    struct lotus_trace_entry *ring = NULL;
+    if (capacity) {
+        ring = calloc(capacity, sizeof(*ring));
+        if (!ring) return -ENOMEM;
+    }
+    pthread_mutex_lock(&lotus_trace_mutex);
+    free(lotus_trace_ring);
+    lotus_trace_ring = ring;
+    lotus_trace_capacity = capacity;
+    lotus_trace_written = 0;
+    lotus_trace_enabled = enabled;
+    pthread_mutex_unlock(&lotus_trace_mutex);
+    return 0;
+}
+
+/* Copies the retained entries, oldest first; returns how many tasks were recorded in all
+ * (more than copied when the ring wrapped). */
+static uint64_t lotus_trace_read(struct lotus_trace_entry *out, size_t max, size_t *copied)
+{
+    uint64_t written, first, k;
+    size_t n = 0;
+    pthread_mutex_lock(&lotus_trace_mutex);
+    written = lotus_trace_written;
+    first = written > lotus_trace_capacity ? written - lotus_trace_capacity : 0;
+    for (k = first; k < written && n < max; k++, n++)
+        out[n] = lotus_trace_ring[k % lotus_trace_capacity];
+    pthread_mutex_unlock(&lotus_trace_mutex);
+    *copied = n;
+    return written;
+}
+
+static void lotus_trace_clear(void)
+{
+    pthread_mutex_lock(&lotus_trace_mutex);
+    lotus_trace_written = 0;
+    pthread_mutex_unlock(&lotus_trace_mutex);
+}
