@@ -42,6 +42,8 @@ class Runtime:
         settings = config.read_settings() if settings is None else settings
         self._errors = ErrorLog()
         self._engine = self._start_engine(settings)
+        kinds = {kind for kind, _ in self._engine.workers}
+        self._has_cpu, self._has_cuda = "cpu" in kinds, "cuda" in kinds
         self._ids = itertools.count(1)
         self._live: weakref.WeakSet[Handle] = weakref.WeakSet()
         self._closed = False
@@ -125,20 +127,18 @@ class Runtime:
             raise TypeError(f"submit(): first argument must be a Codelet from runtime.codelet(), "
                             f"got {type(codelet).__name__}")
         handles, modes = parse_accesses(accesses, self)
-        if not self._can_run(codelet):
+        if not ((codelet.cpu is not None and self._has_cpu) or (codelet.cuda is not None and self._has_cuda)):
             kinds = sorted({kind for kind, _ in self.workers})
             raise ValueError(f"submit(): no worker can run codelet {codelet.name!r}: it has "
                              f"{'a cpu' if codelet.cpu else 'no cpu'} body and "
                              f"{'a cuda' if codelet.cuda else 'no cuda'} body, the workers are {kinds}")
-        label = task_name(codelet, name)
+        label = codelet.name if name is None else task_name(name)
+        if type(priority) is not int:
+            priority = check_priority(priority)
         future = Future(label)
-        task = Task(codelet, handles, modes, kwargs, label, check_priority(priority), future)
+        task = Task(codelet, handles, modes, kwargs, label, priority, future)
         future._waiter = self._engine.submit(task, next(self._ids))
         return future
-
-    def _can_run(self, codelet: Codelet) -> bool:
-        kinds = {kind for kind, _ in self._engine.workers}
-        return (codelet.cpu is not None and "cpu" in kinds) or (codelet.cuda is not None and "cuda" in kinds)
 
     def wait(self) -> None:
         """Wait for every submitted task; raise the first codelet failure not yet reported."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -142,17 +141,20 @@ class Future:
         return f"Future({self.task_name!r}, {state})"
 
 
-@dataclass(eq=False)
 class Task:
     """A submitted task as the engines see it; modes are "R", "W" or "RW"."""
 
-    codelet: Codelet
-    handles: tuple[Handle, ...]
-    modes: tuple[str, ...]
-    kwargs: dict[str, Any]
-    name: str
-    priority: int
-    future: Future
+    __slots__ = ("codelet", "handles", "modes", "kwargs", "name", "priority", "future")
+
+    def __init__(self, codelet: Codelet, handles: tuple[Handle, ...], modes: tuple[str, ...],
+                 kwargs: dict[str, Any], name: str, priority: int, future: Future):
+        self.codelet = codelet
+        self.handles = handles
+        self.modes = modes
+        self.kwargs = kwargs
+        self.name = name
+        self.priority = priority
+        self.future = future
 
 
 class WorkerStats(NamedTuple):
@@ -248,12 +250,14 @@ def validate_array(array: Any) -> np.ndarray:
 
 def parse_accesses(accesses: tuple[Any, ...], runtime: Any) -> tuple[tuple[Handle, ...], tuple[str, ...]]:
     """Split ``((handle, mode), ...)`` into handles and modes, checking each pair."""
+    if not accesses:
+        return (), ()
     handles, modes = [], []
     for i, access in enumerate(accesses):
-        if not (isinstance(access, tuple) and len(access) == 2):
+        if type(access) is not tuple or len(access) != 2:
             raise TypeError(f"submit(): argument {i} must be a (handle, mode) pair, got {access!r}")
         handle, mode = access
-        if not isinstance(handle, Handle):
+        if type(handle) is not Handle:
             raise TypeError(f"submit(): argument {i} must hold a Handle from runtime.register(), "
                             f"got {type(handle).__name__}")
         if mode not in MODES:
@@ -267,6 +271,12 @@ def parse_accesses(accesses: tuple[Any, ...], runtime: Any) -> tuple[tuple[Handl
                              f"with mode {mode!r}")
         handles.append(handle)
         modes.append(mode)
+    if len(handles) > 1:
+        _check_duplicates(handles, modes)
+    return tuple(handles), tuple(modes)
+
+
+def _check_duplicates(handles: list[Handle], modes: list[str]) -> None:
     seen: dict[int, str] = {}
     for handle, mode in zip(handles, modes):
         previous = seen.get(id(handle))
@@ -274,12 +284,9 @@ def parse_accesses(accesses: tuple[Any, ...], runtime: Any) -> tuple[tuple[Handl
             raise ValueError("submit(): the same handle appears twice in one task with a write "
                              "mode; pass it once with mode 'RW'")
         seen[id(handle)] = mode
-    return tuple(handles), tuple(modes)
 
 
-def task_name(codelet: Codelet, name: str | None) -> str:
-    if name is None:
-        return codelet.name
+def task_name(name: Any) -> str:
     if not isinstance(name, str) or len(name) > NAME_MAX:
         raise ValueError(f"submit(): task name must be a string of at most {NAME_MAX} characters, "
                          f"got {name!r}")

@@ -95,6 +95,7 @@ class StarPUEngine:
         self._pending: dict[int, Task] = {}
         self._codelets: dict[Any, Any] = {}
         self._codelets_lock = threading.Lock()
+        self._footprints: dict[Any, int] = {}
         self._orphans: list[tuple[Any, np.ndarray]] = []
         self._mode_ints = {"R": self._lib.lotus_mode_r(), "W": self._lib.lotus_mode_w(),
                            "RW": self._lib.lotus_mode_rw()}
@@ -162,18 +163,29 @@ class StarPUEngine:
             raise ValueError(f"submit(): a task takes at most {self._max_buffers} arrays with this "
                              f"StarPU (STARPU_NMAXBUFS), got {n}")
         ffi, lib = self._ffi, self._lib
-        handles = ffi.new("void *[]", [h._ref for h in task.handles]) if n else ffi.NULL
-        modes = ffi.new("int[]", [self._mode_ints[m] for m in task.modes]) if n else ffi.NULL
-        err = ffi.new("int *")
-        fp = footprint(task.codelet, task.handles, task.kwargs)
+        c_codelet = self._codelets.get(task.codelet) or self._c_codelet(task.codelet)
+        fp = self._footprint(task)
         self._pending[task_id] = task
-        rec = lib.lotus_submit(self._c_codelet(task.codelet), handles, modes, n, task.priority,
-                               task.name.encode(), task_id, fp, err)
+        # cffi turns the lists into temporary C arrays for the call
+        rec = lib.lotus_submit(c_codelet, [h._ref for h in task.handles],
+                               [self._mode_ints[m] for m in task.modes], n, task.priority,
+                               task.name.encode(), task_id, fp)
         if rec == ffi.NULL:
             self._pending.pop(task_id, None)
-            raise RuntimeError(f"starpu_task_submit failed for task {task.name!r}: "
-                               f"{ENOERR.get(err[0], err[0])}")
+            err = lib.lotus_last_submit_error()
+            raise RuntimeError(f"starpu_task_submit failed for task {task.name!r}: {ENOERR.get(err, err)}")
         return _RecWaiter(ffi.gc(rec, lib.lotus_rec_release), lib)
+
+    def _footprint(self, task: Task) -> int:
+        if task.kwargs:  # scalar arguments take part; not worth caching
+            return footprint(task.codelet, task.handles, task.kwargs)
+        key = (task.codelet, tuple([h.key for h in task.handles]))
+        fp = self._footprints.get(key)
+        if fp is None:
+            if len(self._footprints) > 4096:
+                self._footprints.clear()
+            fp = self._footprints[key] = footprint(task.codelet, task.handles, task.kwargs)
+        return fp
 
     def _execute(self, task_id: int, ptrs: Any, n: int, kind: int, worker: int, stream: Any) -> None:
         task = self._pending.pop(task_id)

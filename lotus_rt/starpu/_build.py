@@ -64,7 +64,8 @@ lotus_codelet *lotus_codelet_new(const char *name, int with_cpu, int with_cuda);
 void lotus_codelet_free(lotus_codelet *c);
 
 lotus_rec *lotus_submit(lotus_codelet *c, void **handles, int *modes, int n, int priority,
-                        const char *name, uint64_t id, uint32_t footprint, int *err);
+                        const char *name, uint64_t id, uint32_t footprint);
+int lotus_last_submit_error(void);
 int lotus_rec_done(lotus_rec *rec);
 int lotus_rec_wait(lotus_rec *rec, double timeout_s);
 void lotus_rec_release(lotus_rec *rec);

@@ -284,18 +284,23 @@ static void lotus_task_done(void *arg)
     lotus_rec_release(rec);
 }
 
-/* Returns the task's record (Python owns one reference) or NULL with *err set. */
+static __thread int lotus_submit_error = 0;
+
+/* The error code of this thread's last failed lotus_submit (a negative errno). */
+static int lotus_last_submit_error(void) { return lotus_submit_error; }
+
+/* Returns the task's record (Python owns one reference), or NULL and sets the error
+ * lotus_last_submit_error() returns. */
 static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, int *modes, int n,
                                       int priority, const char *name, uint64_t id,
-                                      uint32_t footprint, int *err)
+                                      uint32_t footprint)
 {
     struct lotus_rec *rec;
     struct starpu_task *task;
     int i, ret;
-    *err = 0;
-    if (n < 0 || n > STARPU_NMAXBUFS) { *err = -E2BIG; return NULL; }
+    if (n < 0 || n > STARPU_NMAXBUFS) { lotus_submit_error = -E2BIG; return NULL; }
     rec = calloc(1, sizeof(*rec));
-    if (!rec) { *err = -ENOMEM; return NULL; }
+    if (!rec) { lotus_submit_error = -ENOMEM; return NULL; }
     rec->id = id;
     rec->footprint = footprint;
     rec->nbuffers = n;
@@ -320,7 +325,7 @@ static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, i
         task->destroy = 0;
         starpu_task_destroy(task);
         free(rec);
-        *err = ret;
+        lotus_submit_error = ret;
         return NULL;
     }
     return rec;

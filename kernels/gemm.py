@@ -1,0 +1,26 @@
+"""GEMM codelet bodies: ``out = a @ b`` (mode W) and ``out += a @ b`` (mode RW).
+
+CPU bodies take NumPy arrays (one BLAS thread each: StarPU's workers are the parallelism);
+GPU bodies take CuPy arrays on StarPU's stream. Both compute in the operands' dtype.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def matmul_cpu(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    np.matmul(a, b, out=out)
+
+
+def matmul_acc_cpu(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    out += np.matmul(a, b)
+
+
+def matmul_gpu(a, b, out) -> None:
+    import cupy
+    cupy.matmul(a, b, out=out)
+
+
+def matmul_acc_gpu(a, b, out) -> None:
+    import cupy
+    out += cupy.matmul(a, b)
