@@ -51,7 +51,9 @@ int lotus_min_priority(void);
 int lotus_max_priority(void);
 
 void *lotus_register(void *ptr, size_t nelems, size_t elemsize);
+void *lotus_register_temporary(size_t nelems, size_t elemsize);
 void lotus_unregister(void *handle);
+void lotus_unregister_submit(void *handle);
 int lotus_acquire(void *handle, int mode);
 void lotus_release(void *handle);
 int lotus_pin(void *ptr, size_t size);
@@ -126,6 +128,7 @@ def make_ffibuilder() -> FFI:
         libraries=libraries,
         runtime_library_dirs=library_dirs,
         extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+        py_limited_api=False,  # same file name (.cpython-3X-...so) from pip and from `python -m`
     )
     return ffibuilder
 
