@@ -27,13 +27,22 @@ STARPU_REPORTED_VARS = ("STARPU_SCHED", "STARPU_NCPU", "STARPU_NCUDA", "STARPU_C
                         "STARPU_SILENT")
 
 
+def path_optimizers() -> tuple[str, ...]:
+    """The opt_einsum path optimizers ``optimize=`` and LOTUS_OPTIMIZE accept."""
+    import opt_einsum.paths
+    return tuple(sorted(opt_einsum.paths._PATH_OPTIONS))
+
+
 @dataclass(frozen=True)
 class Settings:
-    """lotus_rt's own settings. ``engine`` is None when LOTUS_ENGINE is unset (auto)."""
+    """lotus_rt's own settings. ``engine`` is None when LOTUS_ENGINE is unset (auto);
+    ``tile`` is None when LOTUS_TILE is unset (einsum picks a tile per problem)."""
 
     engine: str | None = None
     trace: bool = True
     trace_capacity: int = 65536
+    optimize: str = "auto"
+    tile: int | None = None
 
 
 def _choice(env: Mapping[str, str], name: str, choices: Iterable[str]) -> str | None:
@@ -64,10 +73,16 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Parse every LOTUS_* variable; raise ConfigError naming the variable on a bad value."""
     env = os.environ if env is None else env
     trace = _choice(env, "LOTUS_TRACE", BOOLEANS)
+    optimize = env.get("LOTUS_OPTIMIZE") or None
+    if optimize is not None and optimize not in path_optimizers():
+        raise ConfigError(f"LOTUS_OPTIMIZE={optimize!r} is not valid; valid values: "
+                          f"{', '.join(path_optimizers())}")
     return Settings(
         engine=_choice(env, "LOTUS_ENGINE", ENGINES),
         trace=True if trace is None else BOOLEANS[trace],
         trace_capacity=_positive_int(env, "LOTUS_TRACE_CAPACITY", Settings.trace_capacity),
+        optimize=optimize or Settings.optimize,
+        tile=_positive_int(env, "LOTUS_TILE", 0) or None,
     )
 
 

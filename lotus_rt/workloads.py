@@ -22,29 +22,24 @@ GEMM = Codelet("gemm", cpu=gemm.matmul_cpu, cuda=gemm.matmul_gpu)
 GEMM_ACC = Codelet("gemm_acc", cpu=gemm.matmul_acc_cpu, cuda=gemm.matmul_acc_gpu)
 
 
-def _tiles(matrix: np.ndarray, tile: int) -> list[list[np.ndarray]]:
+def split_tiles(matrix: np.ndarray, tile: int) -> list[list[np.ndarray]]:
+    """Contiguous copies of the ``tile`` x ``tile`` blocks of a 2-D array (edge blocks smaller)."""
+    if not isinstance(tile, int) or tile <= 0:
+        raise ValueError(f"tile must be a positive int, got {tile!r}")
     rows, cols = matrix.shape
     return [[np.ascontiguousarray(matrix[i:i + tile, j:j + tile]) for j in range(0, cols, tile)]
             for i in range(0, rows, tile)]
 
 
-def tiled_gemm(rt: Runtime, a: np.ndarray, b: np.ndarray, tile: int) -> np.ndarray:
-    """C = A @ B as a DAG of tile GEMM tasks on ``rt``; returns C (a new array)."""
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"tiled_gemm: shapes {a.shape} and {b.shape} do not multiply")
-    if a.dtype != b.dtype:
-        raise ValueError(f"tiled_gemm: dtypes differ ({a.dtype} and {b.dtype})")
-    if not isinstance(tile, int) or tile <= 0:
-        raise ValueError(f"tiled_gemm: tile must be a positive int, got {tile!r}")
-    a_tiles, b_tiles = _tiles(a, tile), _tiles(b, tile)
-    c_tiles = [[np.empty((a_row[0].shape[0], b_col.shape[1]), a.dtype) for b_col in b_tiles[0]]
+def gemm_dag(rt: Runtime, a_tiles: list[list[np.ndarray]], b_tiles: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """The tile DAG of C = A @ B on ``rt``: registers, submits, waits; returns C's tiles."""
+    c_tiles = [[np.empty((a_row[0].shape[0], b_col.shape[1]), a_row[0].dtype) for b_col in b_tiles[0]]
                for a_row in a_tiles]
     ha = [[rt.register(t) for t in row] for row in a_tiles]
     hb = [[rt.register(t) for t in row] for row in b_tiles]
     hc = [[rt.register(t) for t in row] for row in c_tiles]
-    nk = len(b_tiles)
     try:
-        for k in range(nk):  # k outermost: every chain gets its first task early
+        for k in range(len(b_tiles)):  # k outermost: every chain gets its first task early
             for i, row in enumerate(hc):
                 for j, c in enumerate(row):
                     if k == 0:
@@ -58,4 +53,13 @@ def tiled_gemm(rt: Runtime, a: np.ndarray, b: np.ndarray, tile: int) -> np.ndarr
             for row in handles:
                 for h in row:
                     h.unregister()
-    return np.block(c_tiles)
+    return c_tiles
+
+
+def tiled_gemm(rt: Runtime, a: np.ndarray, b: np.ndarray, tile: int) -> np.ndarray:
+    """C = A @ B as a DAG of tile GEMM tasks on ``rt``; returns C (a new array)."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"tiled_gemm: shapes {a.shape} and {b.shape} do not multiply")
+    if a.dtype != b.dtype:
+        raise ValueError(f"tiled_gemm: dtypes differ ({a.dtype} and {b.dtype})")
+    return np.block(gemm_dag(rt, split_tiles(a, tile), split_tiles(b, tile)))

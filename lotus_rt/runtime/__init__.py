@@ -76,6 +76,11 @@ class Runtime:
     def policy(self) -> str:
         return self._engine.policy
 
+    @property
+    def priority_range(self) -> tuple[int, int]:
+        """(lowest, highest) task priority the policy distinguishes; others are clamped to it."""
+        return self._engine.priority_range
+
     def __repr__(self) -> str:
         return f"Runtime(engine={self.engine!r}, policy={self.policy!r}, workers={len(self.workers)})"
 
@@ -88,6 +93,23 @@ class Runtime:
         handle = Handle(self, array, self._engine.register(array))
         self._live.add(handle)
         return handle
+
+    def temporary(self, shape: tuple[int, ...], dtype: Any) -> Handle:
+        """Engine-allocated data for intermediates; free it with ``handle.unregister_submit()``."""
+        self._check_open()
+        shape = tuple(int(d) for d in shape)
+        dtype = np.dtype(dtype)
+        if any(d <= 0 for d in shape) or dtype.kind not in "biufc":
+            raise ValueError(f"temporary(): shape {shape} must be positive and dtype {dtype} numeric")
+        handle = Handle(self, None, None, shape=shape, dtype=dtype)
+        handle._ref = self._engine.register_temporary(handle)
+        self._live.add(handle)
+        return handle
+
+    def _unregister_submit(self, handle: Handle) -> None:
+        self._live.discard(handle)
+        if not self._closed:
+            self._engine.unregister_submit(handle._ref)
 
     def _unregister(self, handle: Handle) -> None:
         self._live.discard(handle)

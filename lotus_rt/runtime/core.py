@@ -45,22 +45,27 @@ class Codelet:
 
 
 class Handle:
-    """A NumPy array registered with an engine (zero copy). The array is the data's home.
+    """Data registered with an engine.
 
-    While registered, read the data through ``with handle.acquire("R"):`` or after
-    ``handle.unregister()``, which waits for the tasks using it and leaves the data in the array.
+    A registered NumPy array (zero copy: the array is the data's home): read it through
+    ``with handle.acquire("R"):`` or after ``handle.unregister()``, which waits for the tasks
+    using it and leaves the data in the array. Or a temporary (``runtime.temporary``): the
+    engine allocates it where it is first written; ``unregister_submit()`` frees it once the
+    tasks already submitted on it are done, without waiting.
     """
 
-    __slots__ = ("_runtime", "array", "shape", "dtype", "nbytes", "key", "_ref", "_registered",
-                 "__weakref__")
+    __slots__ = ("_runtime", "array", "shape", "dtype", "nbytes", "key", "temporary", "_ref",
+                 "_registered", "__weakref__")
 
-    def __init__(self, runtime: Any, array: np.ndarray, ref: Any):
+    def __init__(self, runtime: Any, array: np.ndarray | None, ref: Any,
+                 shape: tuple[int, ...] | None = None, dtype: Any = None):
         self._runtime = runtime
         self.array = array
-        self.shape = array.shape
-        self.dtype = array.dtype
-        self.nbytes = array.nbytes
-        self.key = f"{array.dtype.str}{array.shape}"
+        self.temporary = shape is not None
+        self.shape = tuple(shape) if self.temporary else array.shape
+        self.dtype = np.dtype(dtype) if self.temporary else array.dtype
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.key = f"{self.dtype.str}{self.shape}"
         self._ref = ref
         self._registered = True
 
@@ -68,30 +73,49 @@ class Handle:
     def registered(self) -> bool:
         return self._registered
 
-    def unregister(self) -> np.ndarray:
+    @property
+    def writeable(self) -> bool:
+        return self.temporary or self.array.flags.writeable
+
+    def unregister(self) -> np.ndarray | None:
         """Wait for the tasks using this data, bring it home, and forget the handle."""
         if self._registered:
             self._registered = False
             self._runtime._unregister(self)
         return self.array
 
+    def unregister_submit(self) -> None:
+        """Temporaries only: free the data after the tasks submitted so far, without waiting."""
+        if not self.temporary:
+            raise ValueError("unregister_submit() is for temporaries; a registered array is "
+                             "released with unregister(), which brings its data home")
+        if self._registered:
+            self._registered = False
+            self._runtime._unregister_submit(self)
+
     def acquire(self, mode: str = "R") -> "_Acquired":
         """Context manager giving the array back to Python for reading (R) or writing (RW)."""
         if mode not in ("R", "RW"):
             raise ValueError(f"acquire mode must be 'R' or 'RW', got {mode!r}")
+        if self.temporary:
+            raise ValueError("a temporary has no home array to acquire; register an array instead")
         if not self._registered:
             raise RuntimeError("cannot acquire an unregistered handle")
         return _Acquired(self, mode)
 
     def __repr__(self) -> str:
         state = "registered" if self._registered else "unregistered"
-        return f"Handle(shape={self.shape}, dtype={self.dtype}, {state})"
+        kind = "temporary" if self.temporary else "array"
+        return f"Handle({kind}, shape={self.shape}, dtype={self.dtype}, {state})"
 
     def __del__(self):
         if getattr(self, "_registered", False):
             self._registered = False
             try:
-                self._runtime._orphan(self)
+                if self.temporary:
+                    self._runtime._unregister_submit(self)
+                else:
+                    self._runtime._orphan(self)
             except Exception:  # interpreter shutdown: nothing left to release
                 pass
 
@@ -266,7 +290,7 @@ def parse_accesses(accesses: tuple[Any, ...], runtime: Any) -> tuple[tuple[Handl
         if handle._runtime is not runtime or not handle._registered:
             raise ValueError(f"submit(): argument {i} is a handle that is unregistered or belongs "
                              "to another runtime instance")
-        if mode != "R" and not handle.array.flags.writeable:
+        if mode != "R" and not handle.writeable:
             raise ValueError(f"submit(): argument {i} is a read-only array and cannot be accessed "
                              f"with mode {mode!r}")
         handles.append(handle)

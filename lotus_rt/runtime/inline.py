@@ -22,6 +22,7 @@ WORKER = "inline"
 class InlineEngine:
     name = "inline"
     policy = "inline"
+    priority_range = (0, 0)  # tasks run in submission order
 
     def __init__(self, settings: Settings, errors: ErrorLog):
         self._errors = errors
@@ -37,7 +38,13 @@ class InlineEngine:
     def register(self, array: np.ndarray) -> None:
         return None
 
-    def unregister(self, ref: Any, array: np.ndarray) -> None:
+    def register_temporary(self, handle: Any) -> np.ndarray:
+        return np.empty(handle.shape, handle.dtype)  # the ref is the storage itself
+
+    def unregister_submit(self, ref: Any) -> None:
+        pass
+
+    def unregister(self, ref: Any, array: np.ndarray | None) -> None:
         pass
 
     def acquire(self, ref: Any, mode: str) -> None:
@@ -49,12 +56,11 @@ class InlineEngine:
     def submit(self, task: Task, task_id: int) -> None:
         arrays = []
         for handle, mode in zip(task.handles, task.modes):
+            data = handle._ref if handle.temporary else handle.array
             if mode == "R":
-                view = handle.array.view()
-                view.flags.writeable = False
-                arrays.append(view)
-            else:
-                arrays.append(handle.array)
+                data = data.view()
+                data.flags.writeable = False
+            arrays.append(data)
         start = monotonic()
         run_body(task, task.codelet.cpu, arrays, WORKER, self._errors)
         end = monotonic()

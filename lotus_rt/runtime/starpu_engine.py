@@ -104,6 +104,7 @@ class StarPUEngine:
         self.policy = self._ffi.string(self._lib.lotus_current_policy()).decode()
         self.workers = [(KINDS[self._lib.lotus_worker_kind(i)], self._worker_name(i))
                         for i in range(self._lib.lotus_worker_count())]
+        self.priority_range = (self._lib.lotus_min_priority(), self._lib.lotus_max_priority())
         self._pin = any(kind == "cuda" for kind, _ in self.workers)
         self._stats = [[0, 0.0] for _ in self.workers]
         self._stats_lock = threading.Lock()
@@ -126,9 +127,18 @@ class StarPUEngine:
             self._lib.lotus_pin(ptr, array.nbytes)
         return self._lib.lotus_register(ptr, array.size, array.itemsize)
 
-    def unregister(self, ref: Any, array: np.ndarray) -> None:
+    def register_temporary(self, handle: Any) -> Any:
+        nelems = handle.nbytes // handle.dtype.itemsize
+        if nelems >= 2**32:
+            raise ValueError(f"temporary(): {nelems} elements exceed StarPU's vector interface limit (2**32)")
+        return self._lib.lotus_register_temporary(nelems, handle.dtype.itemsize)
+
+    def unregister_submit(self, ref: Any) -> None:
+        self._lib.lotus_unregister_submit(ref)
+
+    def unregister(self, ref: Any, array: np.ndarray | None) -> None:
         self._lib.lotus_unregister(ref)
-        if self._pin:
+        if self._pin and array is not None:
             self._lib.lotus_unpin(self._ffi.cast("void *", array.ctypes.data), array.nbytes)
 
     def orphan(self, ref: Any, array: np.ndarray) -> None:
@@ -165,10 +175,12 @@ class StarPUEngine:
         ffi, lib = self._ffi, self._lib
         c_codelet = self._codelets.get(task.codelet) or self._c_codelet(task.codelet)
         fp = self._footprint(task)
+        low, high = self.priority_range
+        priority = low if task.priority < low else high if task.priority > high else task.priority
         self._pending[task_id] = task
         # cffi turns the lists into temporary C arrays for the call
         rec = lib.lotus_submit(c_codelet, [h._ref for h in task.handles],
-                               [self._mode_ints[m] for m in task.modes], n, task.priority,
+                               [self._mode_ints[m] for m in task.modes], n, priority,
                                task.name.encode(), task_id, fp)
         if rec == ffi.NULL:
             self._pending.pop(task_id, None)

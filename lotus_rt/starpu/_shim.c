@@ -171,7 +171,18 @@ static void *lotus_register(void *ptr, size_t nelems, size_t elemsize)
     return handle;
 }
 
+/* Data with no home in main memory: StarPU allocates it where the first writer runs. */
+static void *lotus_register_temporary(size_t nelems, size_t elemsize)
+{
+    starpu_data_handle_t handle = NULL;
+    starpu_vector_data_register(&handle, -1, 0, (uint32_t)nelems, elemsize);
+    return handle;
+}
+
 static void lotus_unregister(void *handle) { starpu_data_unregister((starpu_data_handle_t)handle); }
+
+/* Frees the data once the tasks already submitted on it are done; does not block. */
+static void lotus_unregister_submit(void *handle) { starpu_data_unregister_submit((starpu_data_handle_t)handle); }
 
 static int lotus_acquire(void *handle, int mode)
 {

@@ -1,0 +1,219 @@
+"""Lowering: a Plan plus registered operands becomes tasks on a runtime.
+
+State. ``values[node]`` holds, per tile, where a node's data lives: a ``Slot`` = (handle,
+slab), where ``slab`` is ``(axis, start, stop)`` when a task must read only one tile of a
+whole registered operand, else None. Operands are registered whole and read by slab (tiles
+share them without copies); every intermediate is a runtime temporary (StarPU allocates it
+where its producer runs) and, unless the forward is kept for a backward pass, is released with
+``unregister_submit`` as soon as its last reader has been submitted. The output is registered
+per tile: tiles split the output's leading index, so each tile's rows are contiguous.
+
+Backward (``submit_backward``) walks the steps in reverse. For a pair step z = x·w, the
+gradients are dx = dz·w and dw = x·dz, each again a pairwise GEMM-shaped contraction that
+reads the saved forward values (the forward keeps every intermediate, i.e. the memory of one
+forward pass, until the backward is submitted). For a unary step (a sum or a permutation)
+dx is dz broadcast back. A node shared by all tiles whose consumer is tiled receives one
+partial gradient per tile; the partials are summed by a binary tree of add tasks. Gradients
+of diagonal steps (an index repeated inside one operand) are not supported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lotus_rt.kernels import contract as kernels
+from lotus_rt.runtime import Runtime
+from lotus_rt.runtime.core import Codelet, Handle
+from lotus_rt.tn.plan import Plan, Step
+
+PAIR = Codelet("contract_pair", cpu=kernels.pair_cpu, cuda=kernels.pair_gpu)
+UNARY = Codelet("contract_unary", cpu=kernels.unary_cpu, cuda=kernels.unary_gpu)
+ADD = Codelet("contract_add", cpu=kernels.add_cpu, cuda=kernels.add_gpu)
+
+
+class Slot(NamedTuple):
+    handle: Handle
+    slab: tuple[int, int, int] | None = None
+
+
+@dataclass
+class Forward:
+    """What a kept forward pass leaves for ``submit_backward``: every node's slots per tile."""
+
+    plan: Plan
+    values: dict[int, list[Slot]]
+    temporaries: list[Handle] = field(default_factory=list)
+
+    def release(self) -> None:
+        for handle in self.temporaries:
+            handle.unregister_submit()
+        self.temporaries.clear()
+
+
+def _operand_slots(plan: Plan, node: int, handle: Handle) -> list[Slot]:
+    if not plan.is_tiled(node):
+        return [Slot(handle)] * plan.ntiles
+    axis = plan.nodes[node].index(plan.tile_index)
+    return [Slot(handle, (axis, start, stop)) for start, stop in plan.tiles()]
+
+
+def _output_slots(rt: Runtime, plan: Plan, out: np.ndarray) -> tuple[list[Slot], list[Handle]]:
+    if plan.tile_index is None:
+        handle = rt.register(out)
+        return [Slot(handle)], [handle]
+    handles = [rt.register(out[start:stop]) for start, stop in plan.tiles()]
+    return [Slot(h) for h in handles], handles
+
+
+def _submit_step(rt: Runtime, step: Step, inputs: list[Slot], out: Slot, out_mode: str = "W",
+                 spec: Any = None, name: str = "") -> None:
+    spec = step.spec if spec is None else spec
+    if len(inputs) == 2:
+        (a, b) = inputs
+        rt.submit(PAIR, (a.handle, "R"), (b.handle, "R"), (out.handle, out_mode), priority=step.priority,
+                  name=name or "pair", spec=spec, a_slice=a.slab, b_slice=b.slab, out_slice=out.slab)
+    else:
+        (a,) = inputs
+        rt.submit(UNARY, (a.handle, "R"), (out.handle, out_mode), priority=step.priority,
+                  name=name or "unary", spec=spec, a_slice=a.slab, out_slice=out.slab)
+
+
+def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndarray,
+                   keep: bool = False) -> tuple[list[Handle], Forward | None]:
+    """Submit the plan's tasks computing ``out``; returns the output handles (unregister them
+    to get the result) and, with ``keep``, the Forward a backward pass needs."""
+    values: dict[int, list[Slot]] = {k: _operand_slots(plan, k, h) for k, h in enumerate(operands)}
+    readers = {node: 0 for node in range(len(plan.nodes))}
+    for step in plan.steps:
+        for node in step.inputs:
+            readers[node] += 1
+    out_slots, out_handles = _output_slots(rt, plan, out)
+    temporaries: list[Handle] = []
+    dtype = plan.network.dtype
+    for n, step in enumerate(plan.steps):
+        if step.output == plan.output_node:
+            values[step.output] = out_slots
+        elif step.tiled:
+            values[step.output] = [Slot(rt.temporary(plan.shape(step.output, t), dtype)) for t in plan.tiles()]
+        else:
+            shared = Slot(rt.temporary(plan.shape(step.output), dtype))
+            values[step.output] = [shared] * plan.ntiles
+        if step.output != plan.output_node:
+            temporaries.extend(_distinct(values[step.output]))
+        for t in range(plan.ntiles if step.tiled else 1):
+            _submit_step(rt, step, [values[i][t] for i in step.inputs], values[step.output][t],
+                         name=f"{step.kind}{n}" + (f"[{t}]" if step.tiled else ""))
+        if not keep:
+            for node in step.inputs:
+                readers[node] -= 1
+                if readers[node] == 0 and node >= len(operands):
+                    for slot in _distinct(values[node]):
+                        slot.handle.unregister_submit()
+    if not keep:
+        return out_handles, None
+    return out_handles, Forward(plan, values, [s.handle for s in temporaries])
+
+
+def _distinct(slots: list[Slot]) -> list[Slot]:
+    seen, result = set(), []
+    for slot in slots:
+        if id(slot.handle) not in seen:
+            seen.add(id(slot.handle))
+            result.append(slot)
+    return result
+
+
+def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[int],
+                    grads: dict[int, Handle]) -> None:
+    """Submit the tasks writing d(output)/d(operand k) into ``grads[k]`` for every k in ``wrt``.
+
+    ``grad_out`` holds the gradient of the output (registered whole); ``grads[k]`` are
+    registered arrays shaped like operand k. Wait on the runtime, then unregister them.
+    """
+    plan, values = forward.plan, forward.values
+    ninputs = len(plan.network.inputs)
+    producer = {step.output: step for step in plan.steps}
+    needs = _nodes_needing_grad(plan, set(wrt))
+    dtype = plan.network.dtype
+    owned: list[Handle] = []
+
+    def temp(node: int, tile: tuple[int, int] | None) -> Slot:
+        handle = rt.temporary(plan.shape(node, tile), dtype)
+        owned.append(handle)
+        return Slot(handle)
+
+    gradient: dict[int, list[Slot]] = {plan.output_node: _operand_slots(plan, plan.output_node, grad_out)}
+    for n in range(len(plan.steps) - 1, -1, -1):
+        step = plan.steps[n]
+        if step.output not in gradient:
+            continue
+        dz = gradient.pop(step.output)
+        z_idx = plan.nodes[step.output]
+        for position, x in enumerate(step.inputs):
+            if x not in needs:
+                continue
+            x_idx = plan.nodes[x]
+            if step.kind == "pair":
+                w = step.inputs[1 - position]
+                spec = kernels.pair_spec(z_idx, plan.nodes[w], x_idx)
+                sources = lambda t: [dz[t], values[w][t]]  # noqa: E731
+            else:
+                if len(set(x_idx)) != len(x_idx):
+                    raise NotImplementedError(
+                        f"backward through a diagonal ({step.spec.equation}) is not supported")
+                spec = kernels.broadcast_spec(z_idx, x_idx)
+                sources = lambda t: [dz[t]]  # noqa: E731
+            if step.tiled and plan.is_tiled(x):
+                slots = [temp(x, tile) for tile in plan.tiles()]
+                for t, slot in enumerate(slots):
+                    _submit_step(rt, step, sources(t), slot, spec=spec, name=f"d{step.kind}{n}[{t}]")
+            elif step.tiled:  # x is shared by every tile: one partial per tile, then a sum tree
+                partials = [temp(x, None) for _ in plan.tiles()]
+                for t, slot in enumerate(partials):
+                    _submit_step(rt, step, sources(t), slot, spec=spec, name=f"d{step.kind}{n}[{t}]")
+                slots = [_sum_tree(rt, partials, step.priority)] * plan.ntiles
+            else:
+                slot = temp(x, None)
+                _submit_step(rt, step, sources(0), slot, spec=spec, name=f"d{step.kind}{n}")
+                slots = [slot] * plan.ntiles
+            gradient[x] = slots
+    for k in wrt:
+        _copy_into(rt, plan, k, gradient[k], grads[k])
+    for handle in owned:
+        handle.unregister_submit()
+
+
+def _nodes_needing_grad(plan: Plan, wrt: set[int]) -> set[int]:
+    needs = set(wrt)
+    for step in plan.steps:
+        if any(i in needs for i in step.inputs):
+            needs.add(step.output)
+    return needs
+
+
+def _sum_tree(rt: Runtime, partials: list[Slot], priority: int) -> Slot:
+    level = list(partials)
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level) - 1, 2):
+            rt.submit(ADD, (level[i + 1].handle, "R"), (level[i].handle, "RW"), priority=priority, name="dsum")
+            nxt.append(level[i])
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _copy_into(rt: Runtime, plan: Plan, node: int, slots: list[Slot], dest: Handle) -> None:
+    """Write a node's gradient (per tile or shared) into the registered array ``dest``."""
+    idx = plan.nodes[node]
+    identity = kernels.UnarySpec("einsum", f"{idx}->{idx}")
+    if plan.is_tiled(node):
+        axis = idx.index(plan.tile_index)
+        for slot, (start, stop) in zip(slots, plan.tiles()):
+            rt.submit(UNARY, (slot.handle, "R"), (dest, "RW"), name="dcopy", spec=identity,
+                      a_slice=None, out_slice=(axis, start, stop))
+    else:
+        rt.submit(UNARY, (slots[0].handle, "R"), (dest, "W"), name="dcopy", spec=identity)

@@ -1,0 +1,201 @@
+"""Planning: an einsum network becomes a list of GEMM-shaped steps on numbered nodes.
+
+Algorithm. Nodes 0..n-1 are the operands. First, each operand with a repeated index (a
+diagonal) or an index no other operand nor the output has (summed away privately) gets a
+*unary* step that reduces it. Then opt_einsum's path optimizer orders the pairwise
+contractions of the reduced network; each becomes a *pair* step whose result keeps only the
+indices still needed (by the output or a remaining operand), laid out in the GEMM's natural
+order (batch, free of the left operand, free of the right one) except the last step, which
+writes the requested output order. A path entry with more than two operands (``optimize=False``)
+is folded left to right.
+
+Tiling splits the output's leading index into tiles: every node carrying that index exists
+once per tile (an independent chain of tasks per tile); nodes without it (e.g. two weight
+cores contracted together) are computed once and shared. ``tile=None`` picks a tile so that a
+task is worth its overhead (about 1 ms of work at ``ASSUMED_FLOPS``) and, when the problem
+allows, there are at least as many chains as workers.
+
+Priorities come from the critical path: a step's priority grows with the work on the longest
+path from it to the output (its bottom level), so that long chains and shared steps start first.
+
+Plans are cached by (equation, shapes, dtype, optimizer, tile request, workers).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import opt_einsum
+
+from lotus_rt.kernels.contract import PairSpec, UnarySpec, pair_spec
+from lotus_rt.tn.network import Network
+
+ASSUMED_FLOPS = 5e9  # per CPU worker, for tile sizing only: a conservative single-core GEMM rate
+MIN_TASK_FLOPS = ASSUMED_FLOPS * 1e-3  # ~1 ms: StarPU's guidance for a CPU task
+PRIORITY_SCALE = 100
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "pair" or "unary"
+    inputs: tuple[int, ...]
+    output: int
+    spec: PairSpec | UnarySpec
+    flops: float
+    tiled: bool
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    network: Network
+    optimizer: str
+    nodes: tuple[str, ...]  # the indices of every node
+    steps: tuple[Step, ...]
+    output_node: int
+    tile_index: str | None  # the output index split into tiles (None: not tiled)
+    tile: int  # tile length along tile_index (== its size when not tiled)
+    flops: float  # of the whole contraction, summed over steps
+    optimal_flops: float | None = None  # opt_einsum's count for its chosen path, for comparison
+
+    @property
+    def ntiles(self) -> int:
+        return -(-self.network.sizes[self.tile_index] // self.tile) if self.tile_index else 1
+
+    def tiles(self) -> list[tuple[int, int]]:
+        """(start, stop) of each tile along the tile index (one full range when not tiled)."""
+        if self.tile_index is None:
+            return [(0, 0)]
+        size = self.network.sizes[self.tile_index]
+        return [(s, min(s + self.tile, size)) for s in range(0, size, self.tile)]
+
+    def shape(self, node: int, tile: tuple[int, int] | None = None) -> tuple[int, ...]:
+        sizes = self.network.sizes
+        return tuple((tile[1] - tile[0]) if (tile and i == self.tile_index) else sizes[i]
+                     for i in self.nodes[node])
+
+    def is_tiled(self, node: int) -> bool:
+        return self.tile_index is not None and self.tile_index in self.nodes[node]
+
+
+def _flops(indices: str, sizes: dict[str, int], factor: int) -> float:
+    return float(factor * math.prod(sizes[i] for i in set(indices)))
+
+
+def _dedupe(indices) -> str:
+    return "".join(dict.fromkeys(indices))
+
+
+def build_plan(net: Network, optimizer: str = "auto", tile: int | None = None, nworkers: int = 1) -> Plan:
+    """Plan ``net`` (cached); see the module docstring."""
+    return _build_plan(net, optimizer, tile, nworkers)
+
+
+@functools.lru_cache(maxsize=256)
+def _build_plan(net: Network, optimizer: str, tile: int | None, nworkers: int) -> Plan:
+    sizes, output = net.sizes, net.output
+    nodes: list[str] = list(net.inputs)
+    raw_steps: list[tuple[str, tuple[int, ...], int, PairSpec | UnarySpec, float]] = []
+
+    def add_node(indices: str) -> int:
+        nodes.append(indices)
+        return len(nodes) - 1
+
+    current = list(range(len(nodes)))
+    if len(current) == 1:  # a single operand: one unary step straight to the output
+        term = nodes[0]
+        out = add_node(output)
+        raw_steps.append(("unary", (0,), out, UnarySpec("einsum", f"{term}->{output}"), _flops(term, sizes, 1)))
+        current = [out]
+    else:
+        for k, term in enumerate(net.inputs):
+            others = set(output).union(*(t for j, t in enumerate(net.inputs) if j != k))
+            keep = _dedupe(i for i in term if i in others)
+            if keep != term:
+                out = add_node(keep)
+                raw_steps.append(("unary", (k,), out, UnarySpec("einsum", f"{term}->{keep}"),
+                                  _flops(term, sizes, 1)))
+                current[k] = out
+    optimal_flops = None
+    if len(current) > 1:
+        reduced_eq = ",".join(nodes[c] for c in current) + "->" + output
+        shapes = [tuple(sizes[i] for i in nodes[c]) for c in current]
+        try:
+            path, info = opt_einsum.contract_path(reduced_eq, *shapes, shapes=True, optimize=optimizer)
+        except (KeyError, TypeError, NotImplementedError) as exc:
+            raise ValueError(f"einsum: unknown path optimizer {optimizer!r}: {exc}") from exc
+        optimal_flops = float(info.opt_cost)
+        for positions in path:
+            group = [current[p] for p in positions]
+            for p in sorted(positions, reverse=True):
+                del current[p]
+            left = group[0]
+            for j, right in enumerate(group[1:]):
+                rest = current + group[j + 2:]
+                last = not rest
+                needed = set(output).union(*(nodes[r] for r in rest))
+                a, b = nodes[left], nodes[right]
+                if last:
+                    out_idx = output
+                else:
+                    natural = ([i for i in a if i in b] + [i for i in a if i not in b]
+                               + [i for i in b if i not in a])
+                    out_idx = "".join(i for i in natural if i in needed)
+                out = add_node(out_idx)
+                raw_steps.append(("pair", (left, right), out, pair_spec(a, b, out_idx),
+                                  _flops(a + b, sizes, 2)))
+                left = out
+            current.append(left)
+    (final,) = current
+    if nodes[final] != output:  # e.g. a single operand already reduced by preprocessing
+        out = add_node(output)
+        raw_steps.append(("unary", (final,), out, UnarySpec("einsum", f"{nodes[final]}->{output}"),
+                          _flops(nodes[final], sizes, 1)))
+        final = out
+
+    total = sum(s[4] for s in raw_steps)
+    tile_index, tile_len = _choose_tiling(net, nodes, raw_steps, tile, nworkers, total)
+    ntiles = -(-sizes[tile_index] // tile_len) if tile_index else 1
+    tiled = [tile_index is not None and tile_index in nodes[s[2]] for s in raw_steps]
+    priorities = _critical_path_priorities(raw_steps, tiled, ntiles)
+    steps = tuple(Step(kind, ins, out, spec, flops, t, p)
+                  for (kind, ins, out, spec, flops), t, p in zip(raw_steps, tiled, priorities))
+    return Plan(net, optimizer, tuple(nodes), steps, final, tile_index, tile_len, total, optimal_flops)
+
+
+def _choose_tiling(net: Network, nodes: list[str], steps: list, tile: int | None, nworkers: int,
+                   total_flops: float) -> tuple[str | None, int]:
+    if not net.output:
+        return None, 1
+    index = net.output[0]
+    size = net.sizes[index]
+    if any(term.count(index) > 1 for term in net.inputs):  # a diagonal on it: keep whole
+        return None, size
+    if tile is not None:
+        if not isinstance(tile, int) or isinstance(tile, bool) or tile <= 0:
+            raise ValueError(f"einsum: tile must be a positive int or None, got {tile!r}")
+        return (index, tile) if tile < size else (None, size)
+    # smallest per-row work among the steps that will be tiled
+    tiled_flops = [flops for _, _, out, _, flops in steps if index in nodes[out]]
+    per_row = min(tiled_flops) / size if tiled_flops else 0.0
+    if total_flops < MIN_TASK_FLOPS * 2 or per_row == 0.0:
+        return None, size
+    rows = max(1, math.ceil(MIN_TASK_FLOPS / per_row))
+    if -(-size // rows) < nworkers:  # fewer chains than workers: split finer if it allows
+        rows = max(1, -(-size // nworkers))
+    return (index, rows) if rows < size else (None, size)
+
+
+def _critical_path_priorities(steps: list, tiled: list[bool], ntiles: int) -> list[int]:
+    consumer: dict[int, int] = {}
+    for k, (_, inputs, _, _, _) in enumerate(steps):
+        for node in inputs:
+            consumer[node] = k
+    bottom = [0.0] * len(steps)
+    for k in range(len(steps) - 1, -1, -1):  # steps are in topological order
+        work = steps[k][4] / (ntiles if tiled[k] else 1)
+        after = consumer.get(steps[k][2])
+        bottom[k] = work + (bottom[after] if after is not None else 0.0)
+    top = max(bottom, default=0.0) or 1.0
+    return [round(PRIORITY_SCALE * b / top) for b in bottom]
