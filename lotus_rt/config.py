@@ -86,14 +86,32 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-def check_starpu_env(policies: Iterable[str], env: Mapping[str, str] | None = None) -> None:
-    """Validate the StarPU variables StarPU would abort on or silently misread."""
+# Policies that hang even in a plain C program on some StarPU releases (checked with a
+# 200-task chain of one RW handle): refused with an explanation instead of hanging.
+BROKEN_POLICIES = {("1.3", "modular-heteroprio-heft"): "its task pushes never complete: a plain C "
+                   "program with one RW task chain hangs in starpu_task_wait_for_all on StarPU 1.3.10"}
+
+
+def usable_policies(policies: Iterable[str], starpu_version: str) -> list[str]:
+    """The predefined policies minus those known to hang on this StarPU release."""
+    series = ".".join(starpu_version.split(".")[:2])
+    return [p for p in policies if (series, p) not in BROKEN_POLICIES]
+
+
+def check_starpu_env(policies: Iterable[str], env: Mapping[str, str] | None = None,
+                     starpu_version: str = "") -> None:
+    """Validate the StarPU variables StarPU would abort on, hang on, or silently misread."""
     env = os.environ if env is None else env
     policies = list(policies)
     sched = env.get("STARPU_SCHED")
+    series = ".".join(starpu_version.split(".")[:2])
+    if sched and (series, sched) in BROKEN_POLICIES:
+        raise ConfigError(f"STARPU_SCHED={sched!r} is not usable with StarPU {starpu_version}: "
+                          f"{BROKEN_POLICIES[series, sched]}; valid values: "
+                          f"{', '.join(usable_policies(policies, starpu_version))}")
     if sched and sched not in policies:
         raise ConfigError(f"STARPU_SCHED={sched!r} is not a scheduling policy of this StarPU; "
-                          f"valid values: {', '.join(policies)}")
+                          f"valid values: {', '.join(usable_policies(policies, starpu_version))}")
     for name in STARPU_INT_VARS:
         raw = env.get(name)
         if raw is None or raw == "":

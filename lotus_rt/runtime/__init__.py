@@ -112,11 +112,10 @@ class Runtime:
             self._engine.unregister_submit(handle._ref)
 
     def _unregister(self, handle: Handle) -> None:
+        if not self._closed:
+            self._check_not_in_task("unregister()")
+            self._engine.unregister(handle._ref, handle.array)
         self._live.discard(handle)
-        if self._closed:
-            return
-        self._check_not_in_task("unregister()")
-        self._engine.unregister(handle._ref, handle.array)
 
     def _orphan(self, handle: Handle) -> None:
         if not self._closed and hasattr(self._engine, "orphan"):
@@ -233,10 +232,12 @@ def runtime() -> Runtime:
 def shutdown() -> None:
     """Shut the process-wide runtime down (a later ``runtime()`` starts a fresh one)."""
     global _current
-    with _lock:
-        current, _current = _current, None
+    current = _current
     if current is not None:
-        current.shutdown()
+        current.shutdown()  # raises (and stays current) when called from inside a task
+        with _lock:
+            if _current is current:
+                _current = None
 
 
 def _shutdown_at_exit() -> None:

@@ -27,9 +27,9 @@ class Codelet:
     __slots__ = ("name", "cpu", "cuda", "__weakref__")
 
     def __init__(self, name: str, cpu: Callable[..., Any] | None, cuda: Callable[..., Any] | None):
-        if not isinstance(name, str) or not name or len(name) > NAME_MAX - 6:
-            raise ValueError(f"codelet name must be a non-empty string of at most {NAME_MAX - 6} "
-                             f"characters, got {name!r}")
+        if not name:
+            raise ValueError("codelet name must be a non-empty string")
+        c_name(name, NAME_MAX - 6, "codelet name")  # StarPU's perf-model symbol is "lotus_<name>"
         if cpu is None and cuda is None:
             raise ValueError(f"codelet {name!r} needs a cpu body, a cuda body, or both")
         for kind, fn in (("cpu", cpu), ("cuda", cuda)):
@@ -80,8 +80,8 @@ class Handle:
     def unregister(self) -> np.ndarray | None:
         """Wait for the tasks using this data, bring it home, and forget the handle."""
         if self._registered:
+            self._runtime._unregister(self)  # raises, leaving the handle registered, inside a task
             self._registered = False
-            self._runtime._unregister(self)
         return self.array
 
     def unregister_submit(self) -> None:
@@ -310,11 +310,22 @@ def _check_duplicates(handles: list[Handle], modes: list[str]) -> None:
         seen[id(handle)] = mode
 
 
-def task_name(name: Any) -> str:
-    if not isinstance(name, str) or len(name) > NAME_MAX:
-        raise ValueError(f"submit(): task name must be a string of at most {NAME_MAX} characters, "
-                         f"got {name!r}")
+def c_name(name: Any, limit: int, what: str) -> str:
+    """A name StarPU can hold in a C buffer: at most ``limit`` bytes of UTF-8, no NUL."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a string, got {type(name).__name__}")
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} {name!r} cannot be encoded as UTF-8: {exc}") from None
+    if len(encoded) > limit or b"\0" in encoded:
+        raise ValueError(f"{what} must be at most {limit} bytes of UTF-8 without NUL characters, "
+                         f"got {name!r} ({len(encoded)} bytes)")
     return name
+
+
+def task_name(name: Any) -> str:
+    return c_name(name, NAME_MAX, "submit(): task name")
 
 
 def check_priority(priority: Any) -> int:

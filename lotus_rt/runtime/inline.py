@@ -27,6 +27,7 @@ class InlineEngine:
     def __init__(self, settings: Settings, errors: ErrorLog):
         self._errors = errors
         self._lock = threading.Lock()  # counters and trace are shared by submitting threads
+        self._running = threading.local()  # .active while this thread runs a body
         self._tasks = 0
         self._busy = 0.0
         self._t0 = monotonic()
@@ -62,7 +63,11 @@ class InlineEngine:
                 data.flags.writeable = False
             arrays.append(data)
         start = monotonic()
-        run_body(task, task.codelet.cpu, arrays, WORKER, self._errors)
+        self._running.active = True
+        try:
+            run_body(task, task.codelet.cpu, arrays, WORKER, self._errors)
+        finally:
+            self._running.active = False
         end = monotonic()
         with self._lock:
             self._tasks += 1
@@ -89,7 +94,8 @@ class InlineEngine:
         return records
 
     def in_task(self) -> bool:
-        return False
+        # Waiting inside a body would not deadlock here, but it would on StarPU: same error.
+        return getattr(self._running, "active", False)
 
     def shutdown(self) -> None:
         pass

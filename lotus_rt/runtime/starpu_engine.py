@@ -28,7 +28,7 @@ from lotus_rt import config
 from lotus_rt.config import Settings
 from lotus_rt.errors import StarPUUnavailable
 from lotus_rt.runtime.core import ErrorLog, Task, TaskRecord, WorkerStats, footprint, run_body
-from lotus_rt.starpu import load, policies
+from lotus_rt.starpu import load, policies, version
 
 KINDS = {0: "cpu", 1: "cuda", 2: "other"}
 ENOERR = {-19: "ENODEV: no worker of this StarPU can run this codelet",
@@ -83,7 +83,7 @@ class StarPUEngine:
         if _active is not None:
             raise RuntimeError("a StarPU engine is already running in this process; shut it down first")
         self._ffi, self._lib = load()
-        config.check_starpu_env(policies())
+        config.check_starpu_env(policies(), starpu_version=version())
         # StarPU's own signal handlers would swallow Ctrl-C; keep Python's unless the user asks.
         os.environ.setdefault("STARPU_CATCH_SIGNALS", "0")
         _define_entry_point(self._ffi, self._lib)
