@@ -15,6 +15,23 @@ from lotus_rt.runtime import Runtime, TaskRecord, WorkerStats, runtime, shutdown
 __version__ = "0.1.0"
 
 
+def einsum(equation: str, *operands, optimize: str | None = None, tile: int | None = None):
+    """Evaluate an einsum (explicit ``->``) as a DAG of GEMM-shaped tasks on the runtime.
+
+    Operands are NumPy arrays or CPU torch tensors of one float dtype; the result is the same
+    kind. ``optimize`` is an opt_einsum path optimizer (default LOTUS_OPTIMIZE or "auto");
+    ``tile`` splits the output's leading index into tiles of that length (default: chosen
+    per problem, or LOTUS_TILE). See ``lotus_rt.tn`` for the backward pass.
+
+        >>> import numpy as np, lotus_rt
+        >>> a, b = np.ones((4, 3)), np.ones((3, 2))
+        >>> lotus_rt.einsum("ij,jk->ik", a, b)[0, 0]
+        3.0
+    """
+    from lotus_rt import tn
+    return tn.einsum(equation, *operands, optimize=optimize, tile=tile)
+
+
 def stats(reset: bool = False) -> list[WorkerStats]:
     """Per worker of the process-wide runtime: tasks run and busy seconds."""
     return runtime().stats(reset=reset)
@@ -25,5 +42,5 @@ def trace(clear: bool = False) -> list[TaskRecord]:
     return runtime().trace(clear=clear)
 
 
-__all__ = ["runtime", "shutdown", "stats", "trace", "Runtime", "WorkerStats", "TaskRecord",
+__all__ = ["einsum", "runtime", "shutdown", "stats", "trace", "Runtime", "WorkerStats", "TaskRecord",
            "CodeletError", "ConfigError", "LotusError", "StarPUUnavailable", "__version__"]
