@@ -136,7 +136,11 @@ class _Acquired:
 
 
 class Future:
-    """The outcome of one task. ``result()`` waits for it and raises its CodeletError, if any."""
+    """The outcome of one task. ``result()`` waits for it and raises its CodeletError, if any.
+
+    A task is done once its body has returned (on a CUDA worker: once its kernels are queued
+    on StarPU's stream). Read its data through ``handle.acquire()`` or ``handle.unregister()``.
+    """
 
     __slots__ = ("task_name", "_waiter", "_error", "_observed")
 

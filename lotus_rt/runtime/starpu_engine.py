@@ -177,11 +177,15 @@ class StarPUEngine:
         fp = self._footprint(task)
         low, high = self.priority_range
         priority = low if task.priority < low else high if task.priority > high else task.priority
+        handles = [h._ref for h in task.handles]  # cffi turns the lists into C arrays
+        modes = [self._mode_ints[m] for m in task.modes]
+        name = task.name.encode()
         self._pending[task_id] = task
-        # cffi turns the lists into temporary C arrays for the call
-        rec = lib.lotus_submit(c_codelet, [h._ref for h in task.handles],
-                               [self._mode_ints[m] for m in task.modes], n, priority,
-                               task.name.encode(), task_id, fp)
+        try:
+            rec = lib.lotus_submit(c_codelet, handles, modes, n, priority, name, task_id, fp)
+        except BaseException:
+            self._pending.pop(task_id, None)
+            raise
         if rec == ffi.NULL:
             self._pending.pop(task_id, None)
             err = lib.lotus_last_submit_error()

@@ -11,8 +11,10 @@
  *   lotus_cpu_func()    runs on a StarPU CPU worker; it collects the data pointers of the
  *   lotus_cuda_func()   task's buffers (vector interface) and calls the Python entry point
  *                       lotus_py_exec(id, ptrs, n, kind, worker, stream) (cffi takes the GIL).
- *   lotus_task_done()   StarPU's completion callback, pure C: appends a trace record, marks
- *                       the rec done, wakes waiting futures, drops the task's reference.
+ *                       After the body returns, the rec is marked done and waiting futures
+ *                       are woken (before StarPU releases the task's data to successors).
+ *   lotus_task_done()   StarPU's completion callback, pure C: appends a trace record and
+ *                       drops the task's reference.
  *   lotus_rec_release() drops Python's reference; the rec is freed when both are gone.
  */
 #include <errno.h>
@@ -200,6 +202,17 @@ static int lotus_mode_rw(void) { return STARPU_RW; }
 
 /* ---------------------------------------------------------------- codelets */
 
+/* A task counts as done once its body has returned: StarPU releases a task's data (letting
+ * its successors run) before it calls the completion callback, so marking done only there
+ * would let a successor finish first. */
+static void lotus_mark_done(struct lotus_rec *rec)
+{
+    pthread_mutex_lock(&lotus_done_mutex);
+    __atomic_store_n(&rec->done, 1, __ATOMIC_RELEASE);
+    if (lotus_waiters) pthread_cond_broadcast(&lotus_done_cond);
+    pthread_mutex_unlock(&lotus_done_mutex);
+}
+
 static void lotus_cpu_func(void *buffers[], void *arg)
 {
     struct lotus_rec *rec = (struct lotus_rec *)arg;
@@ -207,6 +220,7 @@ static void lotus_cpu_func(void *buffers[], void *arg)
     int i;
     for (i = 0; i < rec->nbuffers; i++) ptrs[i] = (void *)STARPU_VECTOR_GET_PTR(buffers[i]);
     lotus_py_exec(rec->id, ptrs, rec->nbuffers, LOTUS_KIND_CPU, starpu_worker_get_id(), NULL);
+    lotus_mark_done(rec);
 }
 
 #ifdef STARPU_USE_CUDA
@@ -218,6 +232,7 @@ static void lotus_cuda_func(void *buffers[], void *arg)
     for (i = 0; i < rec->nbuffers; i++) ptrs[i] = (void *)STARPU_VECTOR_GET_PTR(buffers[i]);
     lotus_py_exec(rec->id, ptrs, rec->nbuffers, LOTUS_KIND_CUDA, starpu_worker_get_id(),
                   (void *)starpu_cuda_get_local_stream());
+    lotus_mark_done(rec); /* kernels are queued on StarPU's stream, which orders successors */
 }
 #endif
 
@@ -288,10 +303,6 @@ static void lotus_task_done(void *arg)
 {
     struct lotus_rec *rec = (struct lotus_rec *)arg;
     lotus_trace_push(rec);
-    pthread_mutex_lock(&lotus_done_mutex);
-    __atomic_store_n(&rec->done, 1, __ATOMIC_RELEASE);
-    if (lotus_waiters) pthread_cond_broadcast(&lotus_done_cond);
-    pthread_mutex_unlock(&lotus_done_mutex);
     lotus_rec_release(rec);
 }
 

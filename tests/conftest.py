@@ -1,0 +1,154 @@
+"""Shared fixtures of lotus_rt's test suite.
+
+Before any runtime starts, StarPU is pointed at a throw-away STARPU_HOME (its history-based
+performance models would otherwise be written to ~/.starpu) and silenced. Subprocesses started
+by the tests inherit both.
+
+Fixtures:
+    rt          the runtime under test, once per engine: "starpu" (the process-wide runtime,
+                skipped when the StarPU binding cannot be loaded) and "inline" (a private
+                ``Runtime(Settings(engine="inline"))``, shut down afterwards).
+    starpu_rt   the process-wide StarPU runtime only.
+    inline_rt   a fresh inline runtime only.
+    run_py      runs Python code in a subprocess with a chosen environment.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Iterable, Mapping
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+_STARPU_HOME = tempfile.mkdtemp(prefix="lotus_rt_tests_starpu_home_")
+os.environ["STARPU_HOME"] = _STARPU_HOME
+os.environ["STARPU_SILENT"] = "1"
+# The tests decide tracing themselves (subprocesses set these explicitly when they need them).
+for _name in ("LOTUS_TRACE", "LOTUS_TRACE_CAPACITY"):
+    os.environ.pop(_name, None)
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import lotus_rt  # noqa: E402  (after the environment above is set)
+import lotus_rt.starpu  # noqa: E402
+from lotus_rt.config import Settings  # noqa: E402
+
+ENGINES = ("starpu", "inline")
+
+
+def starpu_skip_reason() -> str | None:
+    """Why the StarPU engine cannot be tested in this process, or None."""
+    if not lotus_rt.starpu.available():
+        try:
+            lotus_rt.starpu.load()
+        except lotus_rt.StarPUUnavailable as exc:
+            return f"StarPU binding unavailable: {exc}"
+        return "StarPU binding unavailable"
+    if os.environ.get("LOTUS_ENGINE", "").strip().lower() == "inline":
+        return "LOTUS_ENGINE=inline is set for this test run: the process-wide runtime is not StarPU"
+    return None
+
+
+def pytest_unconfigure(config):
+    # StarPU writes its performance models into STARPU_HOME at shutdown: shut down first.
+    try:
+        lotus_rt.shutdown()
+    finally:
+        shutil.rmtree(_STARPU_HOME, ignore_errors=True)
+
+
+def _drain(runtime) -> None:
+    """Fail the test (at teardown) if it left a codelet failure nobody observed."""
+    if runtime.closed:
+        return
+    try:
+        runtime.wait()
+    except lotus_rt.CodeletError as exc:  # pragma: no cover - only on a faulty test
+        pytest.fail(f"the test left an unobserved codelet failure behind: {exc}")
+
+
+def _starpu_runtime():
+    reason = starpu_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    runtime = lotus_rt.runtime()
+    if runtime.engine != "starpu":
+        pytest.skip(f"the process-wide runtime is {runtime.engine!r}, not StarPU")
+    return runtime
+
+
+@pytest.fixture(params=ENGINES)
+def rt(request):
+    """The runtime under test, once with each engine."""
+    if request.param == "starpu":
+        runtime = _starpu_runtime()
+        yield runtime
+        _drain(runtime)
+    else:
+        runtime = lotus_rt.Runtime(Settings(engine="inline"))
+        yield runtime
+        _drain(runtime)
+        runtime.shutdown()
+
+
+@pytest.fixture
+def starpu_rt():
+    runtime = _starpu_runtime()
+    yield runtime
+    _drain(runtime)
+
+
+@pytest.fixture
+def inline_rt():
+    runtime = lotus_rt.Runtime(Settings(engine="inline"))
+    yield runtime
+    _drain(runtime)
+    runtime.shutdown()
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test, seeded from the test's id (reproducible, different per test)."""
+    import zlib
+
+    import numpy as np
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def run_python(code: str, env: Mapping[str, str] | None = None, unset: Iterable[str] = (),
+               timeout: float = 60, args: Iterable[str] = ()) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` from the repository root with lotus_rt importable.
+
+    ``env`` entries are added to (a copy of) this process's environment, ``unset`` names are
+    removed from it. Raises subprocess.TimeoutExpired past ``timeout`` (a hang is a failure).
+    """
+    full_env = dict(os.environ)
+    for name in unset:
+        full_env.pop(name, None)
+    full_env.update(env or {})
+    previous = full_env.get("PYTHONPATH")
+    full_env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + previous if previous else "")
+    return subprocess.run([sys.executable, "-c", code, *args], env=full_env, cwd=str(REPO_ROOT),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run_py():
+    return run_python
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    """A failure message with everything a subprocess said."""
+    return f"exit code {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+@pytest.fixture
+def describe_proc():
+    return describe
