@@ -144,6 +144,12 @@ def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[i
         owned.append(handle)
         return Slot(handle)
 
+    for step in plan.steps:  # refuse before any task is submitted
+        if step.kind == "unary" and step.inputs[0] in needs:
+            x_idx = plan.nodes[step.inputs[0]]
+            if len(set(x_idx)) != len(x_idx):
+                raise NotImplementedError(
+                    f"backward through a diagonal ({step.spec.equation}) is not supported")
     gradient: dict[int, list[Slot]] = {plan.output_node: _operand_slots(plan, plan.output_node, grad_out)}
     for n in range(len(plan.steps) - 1, -1, -1):
         step = plan.steps[n]
@@ -160,9 +166,6 @@ def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[i
                 spec = kernels.pair_spec(z_idx, plan.nodes[w], x_idx)
                 sources = lambda t: [dz[t], values[w][t]]  # noqa: E731
             else:
-                if len(set(x_idx)) != len(x_idx):
-                    raise NotImplementedError(
-                        f"backward through a diagonal ({step.spec.equation}) is not supported")
                 spec = kernels.broadcast_spec(z_idx, x_idx)
                 sources = lambda t: [dz[t]]  # noqa: E731
             if step.tiled and plan.is_tiled(x):
