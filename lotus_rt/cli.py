@@ -1,9 +1,10 @@
-"""``lotus-rt`` command line: ``demo`` runs the main job, ``info`` describes the runtime.
+"""``lotus-rt`` command line: ``demo`` runs the main job, ``gemm`` and ``info`` the runtime.
 
-    lotus-rt demo [--size 1536] [--tile 256]   # tiled GEMM DAG over every StarPU worker
+    lotus-rt demo [--epochs 2]                  # MNIST CNN: dense, then tensorized on StarPU
+    lotus-rt gemm [--size 1536] [--tile 256]    # tiled GEMM DAG over every StarPU worker
     lotus-rt info                               # StarPU version, workers, policy, settings
 
-The demo is the runtime's end-to-end check on real StarPU: it prints the policy in force,
+``gemm`` is the runtime's end-to-end check on real StarPU: it prints the policy in force,
 per-worker task counts and busy time, and the error against one NumPy matmul.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _print_stats(stats) -> None:
         print(f"  {s.worker:<12} {s.kind:<5} {s.tasks:>6} {s.busy_s:>8.3f}")
 
 
-def demo(size: int, tile: int, seed: int) -> int:
+def gemm_demo(size: int, tile: int, seed: int) -> int:
     import lotus_rt
     from lotus_rt.workloads import gemm_dag, split_tiles, tiled_gemm
 
@@ -83,14 +84,23 @@ def info() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lotus-rt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="tiled GEMM DAG on every worker, checked against numpy")
-    p_demo.add_argument("--size", type=int, default=1536)
-    p_demo.add_argument("--tile", type=int, default=256)
+    p_demo = sub.add_parser("demo", help="train a CNN on MNIST dense, then tensorized on StarPU")
+    p_demo.add_argument("--epochs", type=int, default=2)
+    p_demo.add_argument("--batch", type=int, default=64)
+    p_demo.add_argument("--rank", type=float, default=0.25, help="fraction of each layer's parameters kept")
+    p_demo.add_argument("--out", default="demo_out", help="folder for the Gantt chart")
     p_demo.add_argument("--seed", type=int, default=0)
+    p_gemm = sub.add_parser("gemm", help="tiled GEMM DAG on every worker, checked against numpy")
+    p_gemm.add_argument("--size", type=int, default=1536)
+    p_gemm.add_argument("--tile", type=int, default=256)
+    p_gemm.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="StarPU version, workers, policy and settings")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo(args.size, args.tile, args.seed)
+        from lotus_rt import demo
+        return demo.run(args.epochs, args.batch, args.rank, out=args.out, seed=args.seed)
+    if args.command == "gemm":
+        return gemm_demo(args.size, args.tile, args.seed)
     return info()
 
 

@@ -150,13 +150,16 @@ def forward(equation: str, *operands: Any, optimize: str | None = None,
     return _run(equation, operands, optimize, tile, keep=True)
 
 
-def backward(saved: Saved, grad_out: Any, wrt: Sequence[int] = ()) -> list[Any]:
+def backward(saved: Saved, grad_out: Any, wrt: Sequence[int] = (), release: bool = True) -> list[Any]:
     """Gradients of the forward's output w.r.t. the operands in ``wrt``, given ``grad_out``.
 
-    Runs as tasks on the runtime, then releases ``saved``.
+    Runs as tasks on the runtime, then releases ``saved`` unless ``release=False`` (for a
+    caller that may run backward again, like autograd with retain_graph; ``saved`` is then
+    released by ``Saved.release()`` or when it is garbage-collected).
     """
     if saved._forward is None:
-        raise RuntimeError("backward: this forward pass was already released (backward runs once)")
+        raise RuntimeError("backward: this forward pass was already released (backward runs once "
+                           "unless called with release=False)")
     the_plan, rt = saved.plan, saved.runtime
     ninputs = len(the_plan.network.inputs)
     wrt = list(dict.fromkeys(int(k) for k in wrt))
@@ -178,5 +181,6 @@ def backward(saved: Saved, grad_out: Any, wrt: Sequence[int] = ()) -> list[Any]:
         grad_handle.unregister()
         for h in grad_handles.values():
             h.unregister()
-        saved.release()
+        if release:
+            saved.release()
     return [_from_numpy(grads[k], saved.as_torch) for k in wrt]
