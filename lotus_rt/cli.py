@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="train a CNN on MNIST dense, then tensorized on StarPU")
     p_demo.add_argument("--epochs", type=int, default=2)
     p_demo.add_argument("--batch", type=int, default=64)
-    p_demo.add_argument("--rank", type=float, default=0.25, help="fraction of each layer's parameters kept")
+    p_demo.add_argument("--rank", type=float, default=0.15, help="fraction of each layer's parameters kept")
     p_demo.add_argument("--out", default="demo_out", help="folder for the Gantt chart")
     p_demo.add_argument("--seed", type=int, default=0)
     p_gemm = sub.add_parser("gemm", help="tiled GEMM DAG on every worker, checked against numpy")

@@ -66,7 +66,7 @@ def train(model: nn.Module, x, y, epochs: int, batch: int, lr: float, label: str
         model.train()
         order = torch.randperm(len(x), generator=generator)
         start = time.perf_counter()
-        bar = tqdm(range(0, len(x), batch), desc=f"{label} epoch {epoch + 1}/{epochs}", leave=True)
+        bar = tqdm(range(0, len(x), batch), desc=f"{label} epoch {epoch + 1}/{epochs}", leave=True, mininterval=2.0)
         for i in bar:
             idx = order[i:i + batch]
             optimizer.zero_grad()
@@ -96,7 +96,7 @@ def traced_step(model: nn.Module, x, y, path: pathlib.Path) -> int:
     return len(records)
 
 
-def run(epochs: int = 2, batch: int = 64, rank: float = 0.25, lr: float = 1e-3, out: str = "demo_out",
+def run(epochs: int = 2, batch: int = 64, rank: float = 0.15, lr: float = 1e-3, out: str = "demo_out",
         seed: int = 0) -> int:
     torch.manual_seed(seed)
     out_dir = pathlib.Path(out)

@@ -1,0 +1,140 @@
+"""Tensorized layers and offload: forward against dense references, gradcheck in float64,
+whole-model offload equivalence, and a short training run that lowers the loss."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lotus_rt
+from lotus_rt import decompose
+
+torch.manual_seed(0)
+D = torch.float64
+
+
+def _layers():
+    return [
+        (lambda: lotus_rt.TuckerConv2d(4, 6, 3, ranks=(2, 3), stride=2, padding=1, dtype=D), (2, 4, 7, 7)),
+        (lambda: lotus_rt.TuckerConv2d(3, 5, (3, 2), ranks=2, dilation=(2, 1), bias=False, dtype=D), (2, 3, 8, 6)),
+        (lambda: lotus_rt.CPConv2d(4, 6, 3, rank=3, padding=1, dilation=2, dtype=D), (2, 4, 7, 7)),
+        (lambda: lotus_rt.TTLinear((2, 3), (3, 2), 2, dtype=D), (3, 6)),
+        (lambda: lotus_rt.TTLinear((2, 2, 3), (3, 1, 2), [2, 3], bias=False, dtype=D), (4, 12)),
+    ]
+
+
+def _dense_weight(layer) -> torch.Tensor:
+    if isinstance(layer, lotus_rt.TuckerConv2d):
+        return torch.from_numpy(decompose.reconstruct_tucker2(*(p.detach().numpy() for p in (layer.core, layer.first, layer.last))))
+    if isinstance(layer, lotus_rt.CPConv2d):
+        return torch.from_numpy(decompose.reconstruct_cp([p.detach().numpy() for p in
+                                                          (layer.factor_out, layer.factor_in, layer.factor_h, layer.factor_w)]))
+    return torch.from_numpy(decompose.reconstruct_tt_matrix([c.detach().numpy() for c in layer.cores],
+                                                            layer.in_shape, layer.out_shape))
+
+
+@pytest.mark.parametrize("make, shape", _layers())
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_forward_equals_the_reconstructed_dense_layer(make, shape, offloaded):
+    layer = make()
+    layer.offloaded = offloaded
+    x = torch.randn(shape, dtype=D)
+    weight = _dense_weight(layer)
+    if isinstance(layer, lotus_rt.TTLinear):
+        ref = F.linear(x, weight, layer.bias)
+    else:
+        g = layer.geometry
+        ref = F.conv2d(x, weight, layer.bias, stride=g.stride, padding=g.padding, dilation=g.dilation)
+    assert torch.allclose(layer(x), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, shape", _layers())
+def test_gradcheck_offloaded(make, shape):
+    layer = make()
+    lotus_rt.offload(layer)
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x, *layer.parameters()), eps=1e-6, atol=1e-6)
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+        lotus_rt.TuckerConv2d(4, 6, 3, ranks=(3, 3), padding=1), nn.ReLU(),
+        lotus_rt.CPConv2d(6, 4, 3, rank=4, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        lotus_rt.TTLinear((4, 4, 4), (2, 2, 3), 3), nn.ReLU(), nn.Linear(12, 3)).double()
+
+
+def test_offloaded_model_matches_torch_outputs_and_gradients():
+    model = _model()
+    twin = _model()
+    twin.load_state_dict(model.state_dict())
+    lotus_rt.offload(twin)
+    assert len(lotus_rt.nn.offloaded_layers(twin)) == 5
+    x = torch.randn(3, 2, 8, 8, dtype=D)
+    y, y2 = model(x), twin(x)
+    assert torch.allclose(y, y2, rtol=1e-10, atol=1e-12)
+    y.square().sum().backward()
+    y2.square().sum().backward()
+    for (name, p), p2 in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, p2.grad, rtol=1e-9, atol=1e-11), name
+    assert set(twin.state_dict()) == set(model.state_dict())
+
+
+def test_short_training_run_lowers_the_loss():
+    torch.manual_seed(1)
+    model = lotus_rt.offload(_model().float())
+    x = torch.randn(32, 2, 8, 8)
+    target = torch.randint(0, 3, (32,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_from_conv_and_from_linear_at_full_rank_reproduce_the_dense_layer():
+    conv = nn.Conv2d(5, 7, 3, padding=1).double()
+    x = torch.randn(2, 5, 6, 6, dtype=D)
+    tucker = lotus_rt.TuckerConv2d.from_conv(conv, ranks=(5, 7))
+    assert tucker.reconstruction_error < 1e-8
+    assert torch.allclose(lotus_rt.offload(tucker)(x), conv(x), atol=1e-8)
+    linear = nn.Linear(12, 6).double()
+    tt = lotus_rt.TTLinear.from_linear(linear, (2, 2, 3), (1, 2, 3), ranks=100)
+    xl = torch.randn(4, 12, dtype=D)
+    assert torch.allclose(lotus_rt.offload(tt)(xl), linear(xl), atol=1e-8)
+    low = lotus_rt.TuckerConv2d.from_conv(conv, ranks=(2, 2))
+    assert 0.0 < low.reconstruction_error < 1.0
+
+
+def test_tensorize_reports_layers_and_keeps_first_conv():
+    model = _model()
+    dense = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 24))
+    lotus_rt.tensorize(dense, rank=0.3, verbose=False)
+    kinds = [type(m).__name__ for m in dense]
+    assert kinds[0] == "Conv2d" and kinds[2] == "TuckerConv2d" and kinds[4] == "TTLinear"
+    assert all(r.params_after < r.params_before for r in dense.lotus_report)
+    with pytest.raises(ValueError, match="conv="):
+        lotus_rt.tensorize(model, conv="svd")
+
+
+def test_bad_input_is_a_clear_error():
+    layer = lotus_rt.offload(lotus_rt.TuckerConv2d(4, 6, 3, ranks=2))
+    with pytest.raises(ValueError, match="expected an input of 4 dimensions with 4"):
+        layer(torch.randn(2, 3, 8, 8))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        layer(torch.randn(2, 4, 8, 8).half())
+    with pytest.raises(ValueError):
+        lotus_rt.TuckerConv2d(4, 6, 3, ranks=0)
+    with pytest.raises(ValueError, match="same length"):
+        lotus_rt.TTLinear((2, 3), (6,), 2)
+    grouped = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="grouped"):
+        lotus_rt.TuckerConv2d.from_conv(grouped, ranks=2)
+    with pytest.warns(RuntimeWarning, match="stay in torch"):
+        lotus_rt.offload(nn.Sequential(grouped))
