@@ -73,7 +73,7 @@ def train(model: nn.Module, x, y, epochs: int, batch: int, lr: float, label: str
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         times.append(time.perf_counter() - start)
     return times
 
