@@ -138,3 +138,11 @@ def test_bad_input_is_a_clear_error():
         lotus_rt.TuckerConv2d.from_conv(grouped, ranks=2)
     with pytest.warns(RuntimeWarning, match="stay in torch"):
         lotus_rt.offload(nn.Sequential(grouped))
+
+
+def test_from_conv_with_vbmf_ranks():
+    conv = nn.Conv2d(16, 24, 3)
+    layer = lotus_rt.TuckerConv2d.from_conv(conv, ranks="vbmf")
+    r_in, r_out = layer.ranks
+    assert 1 <= r_in <= 16 and 1 <= r_out <= 24
+    assert layer.reconstruction_error < 1.0

@@ -176,7 +176,7 @@ class TuckerConv2d(_FactorizedConv2d):
         """Tucker-2 (HOSVD + HOOI) of a dense convolution's weight."""
         _check_convertible(conv)
         weight = conv.weight.detach().cpu().numpy()
-        rank_pair = decompose.tucker2_ranks(weight.shape, ranks)
+        rank_pair = decompose.tucker2_ranks(weight, ranks)  # "vbmf" needs the weight itself
         core, first, last = decompose.tucker2(weight, rank_pair)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank_pair, conv.stride,
                     conv.padding, conv.dilation, conv.bias is not None, conv.weight.dtype)
