@@ -54,6 +54,15 @@ def _bias(out_features: int, fan_in: int, bias: bool, dtype) -> nn.Parameter | N
     return nn.Parameter(torch.empty(out_features, dtype=dtype).uniform_(-bound, bound))
 
 
+def _load(layer: nn.Module, pairs, bias: torch.Tensor | None) -> None:
+    """Copy decomposed factors (NumPy) and the dense layer's bias into ``layer``'s parameters."""
+    with torch.no_grad():
+        for param, value in pairs:
+            param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+
+
 def _check_input(x: torch.Tensor, ndim: int, channels: int, axis: int, layer: str) -> None:
     if x.dim() != ndim or x.shape[axis] != channels:
         raise ValueError(f"{layer}: expected an input of {ndim} dimensions with {channels} at "
@@ -103,11 +112,7 @@ class TTLinear(nn.Module):
         cores = decompose.tt_matrix(weight, in_shape, out_shape, ranks)
         layer = cls(in_shape, out_shape, [c.shape[3] for c in cores[:-1]], bias=linear.bias is not None,
                     dtype=linear.weight.dtype)
-        with torch.no_grad():
-            for param, core in zip(layer.cores, cores):
-                param.copy_(torch.from_numpy(np.ascontiguousarray(core)))
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias.detach())
+        _load(layer, zip(layer.cores, cores), linear.bias)
         layer.reconstruction_error = decompose.relative_error(
             decompose.reconstruct_tt_matrix(cores, in_shape, out_shape), weight)
         return layer
@@ -180,11 +185,7 @@ class TuckerConv2d(_FactorizedConv2d):
         core, first, last = decompose.tucker2(weight, rank_pair)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank_pair, conv.stride,
                     conv.padding, conv.dilation, conv.bias is not None, conv.weight.dtype)
-        with torch.no_grad():
-            for param, value in ((layer.first, first), (layer.core, core), (layer.last, last)):
-                param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach())
+        _load(layer, ((layer.first, first), (layer.core, core), (layer.last, last)), conv.bias)
         layer.reconstruction_error = decompose.relative_error(
             decompose.reconstruct_tucker2(core, first, last), weight)
         return layer
@@ -225,12 +226,8 @@ class CPConv2d(_FactorizedConv2d):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, r, conv.stride, conv.padding,
                     conv.dilation, conv.bias is not None, conv.weight.dtype)
         a_out, a_in, a_h, a_w = factors
-        with torch.no_grad():
-            for param, value in ((layer.factor_out, a_out), (layer.factor_in, a_in),
-                                 (layer.factor_h, a_h), (layer.factor_w, a_w)):
-                param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach())
+        _load(layer, ((layer.factor_out, a_out), (layer.factor_in, a_in), (layer.factor_h, a_h),
+                      (layer.factor_w, a_w)), conv.bias)
         layer.reconstruction_error = decompose.relative_error(decompose.reconstruct_cp(factors), weight)
         return layer
 
