@@ -74,7 +74,8 @@ def _drain(runtime) -> None:
         pytest.fail(f"the test left an unobserved codelet failure behind: {exc}")
 
 
-def _starpu_runtime():
+def starpu_runtime_or_skip():
+    """The process-wide runtime when it is StarPU; skips the test (saying why) otherwise."""
     reason = starpu_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -88,7 +89,7 @@ def _starpu_runtime():
 def rt(request):
     """The runtime under test, once with each engine."""
     if request.param == "starpu":
-        runtime = _starpu_runtime()
+        runtime = starpu_runtime_or_skip()
         yield runtime
         _drain(runtime)
     else:
@@ -100,7 +101,7 @@ def rt(request):
 
 @pytest.fixture
 def starpu_rt():
-    runtime = _starpu_runtime()
+    runtime = starpu_runtime_or_skip()
     yield runtime
     _drain(runtime)
 

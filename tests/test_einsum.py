@@ -28,7 +28,7 @@ import lotus_rt
 from lotus_rt import tn
 from lotus_rt.config import Settings
 from lotus_rt.tn import lower
-from conftest import starpu_skip_reason
+from conftest import starpu_runtime_or_skip
 
 torch = pytest.importorskip("torch")
 
@@ -53,16 +53,6 @@ def inline_engine():
     runtime.shutdown()
 
 
-def _starpu_or_skip():
-    reason = starpu_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    runtime = lotus_rt.runtime()
-    if runtime.engine != "starpu":
-        pytest.skip(f"the process-wide runtime is {runtime.engine!r}, not StarPU")
-    return runtime
-
-
 @contextlib.contextmanager
 def on_engine(engine: str, inline_runtime):
     """Run ``tn`` calls inside the block on ``engine``; yields that runtime.
@@ -70,7 +60,7 @@ def on_engine(engine: str, inline_runtime):
     On exit (inline) checks that ``tn`` really looked its runtime up through the redirection.
     """
     if engine == "starpu":
-        runtime = _starpu_or_skip()
+        runtime = starpu_runtime_or_skip()
         yield runtime
         return
     lookups = []
@@ -444,7 +434,7 @@ def test_numpy_in_numpy_out(inline_engine, engine, rng):
 
 
 def test_tiled_tasks_run_on_several_workers(rng):
-    runtime = _starpu_or_skip()
+    runtime = starpu_runtime_or_skip()
     cpu_workers = [w for kind, w in runtime.workers if kind == "cpu"]
     if len(cpu_workers) < 2:
         pytest.skip(f"the runtime has {len(cpu_workers)} CPU worker(s); this needs >= 2")
@@ -515,7 +505,7 @@ def test_automatic_tiling_feeds_every_worker(equation, shapes, nworkers):
 
 
 def test_automatic_tiling_with_this_runtime():
-    runtime = _starpu_or_skip()
+    runtime = starpu_runtime_or_skip()
     ops = [np.ones((512, 256)), np.ones((256, 256))]
     p = tn.plan("bi,ij->bj", *ops)
     assert p.ntiles >= len(runtime.workers)
