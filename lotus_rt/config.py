@@ -43,6 +43,7 @@ class Settings:
     trace_capacity: int = 65536
     optimize: str = "auto"
     tile: int | None = None
+    idle_pause: bool = True
 
 
 def _choice(env: Mapping[str, str], name: str, choices: Iterable[str]) -> str | None:
@@ -73,6 +74,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Parse every LOTUS_* variable; raise ConfigError naming the variable on a bad value."""
     env = os.environ if env is None else env
     trace = _choice(env, "LOTUS_TRACE", BOOLEANS)
+    idle_pause = _choice(env, "LOTUS_IDLE_PAUSE", BOOLEANS)
     optimize = env.get("LOTUS_OPTIMIZE") or None
     if optimize is not None and optimize not in path_optimizers():
         raise ConfigError(f"LOTUS_OPTIMIZE={optimize!r} is not valid; valid values: "
@@ -83,6 +85,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         trace_capacity=_positive_int(env, "LOTUS_TRACE_CAPACITY", Settings.trace_capacity),
         optimize=optimize or Settings.optimize,
         tile=_positive_int(env, "LOTUS_TILE", 0) or None,
+        idle_pause=True if idle_pause is None else BOOLEANS[idle_pause],
     )
 
 

@@ -251,7 +251,8 @@ def test_bad_starpu_env_is_a_config_error_before_any_task(run_py, describe_proc,
     ({"LOTUS_TRACE": "maybe"}, ["LOTUS_TRACE", "'maybe'"]),
     ({"LOTUS_TRACE_CAPACITY": "0"}, ["LOTUS_TRACE_CAPACITY", "'0'", "positive integer"]),
     ({"LOTUS_TRACE_CAPACITY": "lots"}, ["LOTUS_TRACE_CAPACITY", "'lots'"]),
-], ids=["engine_bogus", "trace_maybe", "capacity_zero", "capacity_text"])
+    ({"LOTUS_IDLE_PAUSE": "sometimes"}, ["LOTUS_IDLE_PAUSE", "'sometimes'", "valid values"]),
+], ids=["engine_bogus", "trace_maybe", "capacity_zero", "capacity_text", "idle_pause_bad"])
 def test_bad_lotus_env_is_a_config_error(run_py, describe_proc, env, words):
     proc, lines = _run_config(run_py, env)
     assert proc.returncode == 0, describe_proc(proc)
@@ -286,6 +287,7 @@ def test_read_settings_values():
     assert (s.engine, s.trace, s.trace_capacity) == ("starpu", False, 17)
     s = config.read_settings({})
     assert (s.engine, s.trace, s.trace_capacity) == (None, True, config.Settings.trace_capacity)
+    assert s.idle_pause is True and config.read_settings({"LOTUS_IDLE_PAUSE": "off"}).idle_pause is False
     assert config.read_settings({"LOTUS_ENGINE": ""}).engine is None
 
 
@@ -297,3 +299,47 @@ def test_check_starpu_env_in_process():
     with pytest.raises(lotus_rt.ConfigError, match="STARPU_CALIBRATE"):
         config.check_starpu_env(policies, {"STARPU_CALIBRATE": "yes"})
     assert os.environ.get("STARPU_SILENT") == "1"   # conftest's setting is in place
+
+
+# ---------------------------------------------------------------------- idle pause
+
+IDLE_CPU_CODE = r"""
+import threading, time
+import numpy as np
+import lotus_rt
+rt = lotus_rt.runtime()
+assert rt.engine == "starpu", rt.engine
+double = rt.codelet("double", cpu=lambda x: np.multiply(x, 2, out=x))
+a = np.arange(4.0); h = rt.register(a)
+rt.submit(double, (h, "RW")); rt.wait()
+before = time.process_time(); time.sleep(0.4); idle_cpu = time.process_time() - before
+rt.submit(double, (h, "RW")); rt.wait()           # runs after a pause
+# a submit from another thread while this one waits must not be left paused
+def other():
+    for _ in range(50):
+        rt.submit(double, (h, "RW"))
+t = threading.Thread(target=other); t.start()
+for _ in range(50):
+    rt.wait()
+t.join(); rt.wait()
+h.unregister()
+print("IDLE_CPU", round(idle_cpu, 3))
+print("VALUE", a[1])
+"""
+
+
+@pytest.mark.parametrize("pause", ["1", "0"])
+def test_idle_workers_are_paused_between_waits(run_py, describe_proc, pause):
+    """With LOTUS_IDLE_PAUSE on, idle StarPU workers stop burning CPU after wait(); tasks
+    submitted afterwards (also from another thread during a wait) still run."""
+    if SKIP_REASON:
+        pytest.skip(SKIP_REASON)
+    proc = run_py(IDLE_CPU_CODE, {"LOTUS_IDLE_PAUSE": pause, "STARPU_NCPU": "2"}, timeout=60)
+    assert proc.returncode == 0, describe_proc(proc)
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert float(lines["VALUE"]) == 2.0 ** 52, describe_proc(proc)
+    idle_cpu = float(lines["IDLE_CPU"])
+    if pause == "1":
+        assert idle_cpu < 0.1, f"paused workers used {idle_cpu} s of CPU in 0.4 s"
+    else:  # two polling workers: close to 0.8 s of CPU time in 0.4 s, even on a busy machine
+        assert idle_cpu > 0.2, f"polling workers used only {idle_cpu} s of CPU in 0.4 s"

@@ -12,6 +12,12 @@ submission order. Python keeps only:
   so ``Future.result()`` waits on a condition variable without any Python in the callback.
 - ``_orphans``: handles garbage-collected while registered; they are unregistered at the next
   ``wait()``, since unregistering blocks and must not run on a worker thread.
+- the idle pause (LOTUS_IDLE_PAUSE, on by default): StarPU's idle CPU workers poll at 100% CPU,
+  which halves the speed of whatever else the process runs (torch between layers, the
+  optimizer). When ``wait()`` finds every task done and nothing was submitted meanwhile, the
+  workers are paused (``starpu_pause``); the next submit resumes them. ``_submitted`` counts
+  submits so a wait racing a submit from another thread never pauses that thread's task.
+  CPU-only runs for now (see ``wait_all``).
 
 Per-worker counts and busy time come from StarPU's profiling; per-task records come from a
 bounded ring filled by the C completion callback.
@@ -111,6 +117,10 @@ class StarPUEngine:
         self._lib.lotus_trace_configure(int(settings.trace), settings.trace_capacity)
         self._trace_capacity = settings.trace_capacity
         self._blas_limits = _limit_blas_threads(sum(kind == "cpu" for kind, _ in self.workers))
+        self._idle_pause = settings.idle_pause
+        self._pause_lock = threading.Lock()
+        self._paused = False
+        self._submitted = 0
 
     def _worker_name(self, worker_id: int) -> str:
         buf = self._ffi.new("char[128]")
@@ -180,6 +190,9 @@ class StarPUEngine:
         handles = [h._ref for h in task.handles]  # cffi turns the lists into C arrays
         modes = [self._mode_ints[m] for m in task.modes]
         name = task.name.encode()
+        self._submitted += 1
+        if self._paused:
+            self._resume()
         self._pending[task_id] = task
         try:
             rec = lib.lotus_submit(c_codelet, handles, modes, n, priority, name, task_id, fp)
@@ -227,10 +240,24 @@ class StarPUEngine:
         return self._lib.lotus_current_worker() >= 0
 
     def wait_all(self) -> None:
+        submitted = self._submitted
         ret = self._lib.lotus_wait_all()
         if ret != 0:
             raise RuntimeError(f"starpu_task_wait_for_all failed with {ret}")
         self._drain_orphans()
+        # Not with CUDA workers yet: whether a paused CUDA worker still serves the transfers an
+        # unregister or acquire needs is untested (no GPU run so far).
+        if self._idle_pause and not self._pin:
+            with self._pause_lock:
+                if not self._paused and self._submitted == submitted:
+                    self._lib.lotus_pause()
+                    self._paused = True
+
+    def _resume(self) -> None:
+        with self._pause_lock:
+            if self._paused:
+                self._paused = False
+                self._lib.lotus_resume()
 
     def _drain_orphans(self) -> None:
         while self._orphans:
@@ -271,6 +298,7 @@ class StarPUEngine:
     def shutdown(self) -> None:
         global _active
         self.wait_all()
+        self._resume()
         self._lib.lotus_shutdown()
         for c in self._codelets.values():
             self._lib.lotus_codelet_free(c)

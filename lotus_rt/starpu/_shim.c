@@ -382,6 +382,11 @@ static int lotus_rec_wait(struct lotus_rec *rec, double timeout_s)
 
 static int lotus_wait_all(void) { return starpu_task_wait_for_all(); }
 
+/* Idle workers of a StarPU built without blocking drivers poll their queues at 100% CPU;
+ * pausing them between bursts of tasks gives the cores back to the rest of the process. */
+static void lotus_pause(void) { starpu_pause(); }
+static void lotus_resume(void) { starpu_resume(); }
+
 /* ---------------------------------------------------------------- trace ring */
 
 static int lotus_trace_configure(int enabled, size_t capacity)
