@@ -4,6 +4,8 @@
 output or shared by both (the planner sums private indices away first). The operands are
 permuted to (batch, free, contracted) and (batch, contracted, free), made contiguous, and
 multiplied with one batched matmul; the result is written into ``out`` in the requested order.
+An operand stored as (batch, contracted, free) instead is passed as a transposed view, not
+copied: BLAS reads transposed matrices directly.
 
 ``unary``: ``out = einsum(eq, a)`` (diagonals, sums over private indices, permutations), or
 ``broadcast``: ``out = a`` expanded along the indices ``out`` has and ``a`` lacks (the
@@ -77,15 +79,30 @@ def _take(a: Any, cut: tuple[int, int, int] | None) -> Any:
     return a[(slice(None),) * axis + (slice(start, stop),)]
 
 
+def _matrix_view(t: Any, nbatch: int, nrows: int) -> Any:
+    """``t`` (already permuted to (batch, rows, columns)) as a 3-D (batch, R, C) operand of
+    matmul: a view when the rows and columns are each contiguous in memory in either order
+    (BLAS takes a transposed operand as is), else a contiguous copy."""
+    shape = (math.prod(t.shape[:nbatch]), math.prod(t.shape[nbatch:nbatch + nrows]),
+             math.prod(t.shape[nbatch + nrows:]))
+    if t.flags.c_contiguous:
+        return t.reshape(shape)
+    order = tuple(range(nbatch)) + tuple(range(nbatch + nrows, t.ndim)) + tuple(range(nbatch, nbatch + nrows))
+    swapped = t.transpose(order)
+    if swapped.flags.c_contiguous:  # stored as (batch, columns, rows): a transposed view
+        return swapped.reshape(shape[0], shape[2], shape[1]).swapaxes(1, 2)
+    return t.reshape(shape)  # copies
+
+
 def _pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, a_slice, b_slice, out_slice) -> None:
     a, b, out = _take(a, a_slice), _take(b, b_slice), _take(out, out_slice)
     at, bt = a.transpose(spec.a_perm), b.transpose(spec.b_perm)
     nb, nm, nk = spec.nbatch, spec.nfree_a, spec.ncontracted
-    batch, free_a, contracted = at.shape[:nb], at.shape[nb:nb + nm], at.shape[nb + nm:]
+    batch, free_a = at.shape[:nb], at.shape[nb:nb + nm]
     free_b = bt.shape[nb + nk:]
     shape3 = (math.prod(batch), math.prod(free_a), math.prod(free_b))
-    a3 = at.reshape(shape3[0], shape3[1], math.prod(contracted))  # copies when not contiguous
-    b3 = bt.reshape(shape3[0], math.prod(contracted), shape3[2])
+    a3 = _matrix_view(at, nb, nm)
+    b3 = _matrix_view(bt, nb, nk)
     if spec.out_perm is None and out.flags.c_contiguous:
         xp.matmul(a3, b3, out=out.reshape(shape3))
     else:

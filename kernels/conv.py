@@ -1,8 +1,9 @@
 """Convolution codelet bodies: unfold (im2col), its adjoint fold (col2im), and bias add/sum.
 
-``unfold``: ``cols[n, c, i, j, p, q] = x_padded[n, c, p*s_h + i*d_h, q*s_w + j*d_w]``, the
+``unfold``: ``cols[c, i, j, n, p, q] = x_padded[n, c, p*s_h + i*d_h, q*s_w + j*d_w]``, the
 (kernel offset x output position) view of every sliding window, so a convolution becomes a
-contraction of ``cols`` with the kernel. ``fold`` is its adjoint: it scatters-adds ``cols``
+contraction of ``cols`` with the kernel. Channel-major like the classic im2col matrix
+(C*kh*kw, N*Ho*Wo): contracting (c, i, j) with a kernel is then a GEMM on ``cols`` as stored. ``fold`` is its adjoint: it scatters-adds ``cols``
 back into an image (the input gradient of a convolution). Both loop over the kh*kw kernel
 offsets and move whole strided slabs, so the work is a few large copies, not a per-pixel loop.
 
@@ -35,7 +36,7 @@ def _unfold(xp: Any, x: Any, cols: Any, kernel: Pair, stride: Pair, padding: Pai
     padded = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
     out_hw = cols.shape[4:]
     for i, j, rows, columns in _windows(kernel, stride, dilation, out_hw):
-        cols[:, :, i, j] = padded[:, :, rows, columns]
+        cols[:, i, j] = padded[:, :, rows, columns].swapaxes(0, 1)
 
 
 def _fold(xp: Any, cols: Any, x: Any, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
@@ -43,7 +44,7 @@ def _fold(xp: Any, cols: Any, x: Any, kernel: Pair, stride: Pair, padding: Pair,
     n, c, h, w = x.shape
     padded = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
     for i, j, rows, columns in _windows(kernel, stride, dilation, cols.shape[4:]):
-        padded[:, :, rows, columns] += cols[:, :, i, j]
+        padded[:, :, rows, columns] += cols[:, i, j].swapaxes(0, 1)
     x[...] = padded[:, :, ph:ph + h, pw:pw + w]
 
 

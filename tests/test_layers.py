@@ -146,3 +146,58 @@ def test_from_conv_with_vbmf_ranks():
     r_in, r_out = layer.ranks
     assert 1 <= r_in <= 16 and 1 <= r_out <= 24
     assert layer.reconstruction_error < 1.0
+
+
+@pytest.mark.parametrize("make, shape", _layers())
+def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, monkeypatch):
+    """LOTUS_TILE=1 cuts the batch into one-sample tiles (independent task chains, parameter
+    gradients summed from per-tile partials): same results as one tile."""
+    layer = lotus_rt.offload(make())
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    results = []
+    for rows in ("1000", "1"):
+        monkeypatch.setenv("LOTUS_TILE", rows)
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.backward(torch.ones_like(y) + y.detach())
+        results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_tiles_follow_lotus_tile(monkeypatch):
+    from lotus_rt.nn import functional
+    layer = lotus_rt.TuckerConv2d(4, 6, 3, ranks=2)
+    rt = lotus_rt.runtime()
+    monkeypatch.setenv("LOTUS_TILE", "3")
+    assert functional.batch_tiles(layer._program, (8, 4, 6, 6), [(4, 2), (2, 2, 3, 3), (6, 2), (6,)],
+                                  np.dtype("float64"), rt) == [(0, 3), (3, 6), (6, 8)]
+    monkeypatch.delenv("LOTUS_TILE")
+    # a small layer is one tile; a large one is cut into at least one tile per worker
+    assert len(functional.batch_tiles(layer._program, (8, 4, 6, 6), [(4, 2), (2, 2, 3, 3), (6, 2), (6,)],
+                                      np.dtype("float64"), rt)) == 1
+    big = lotus_rt.TuckerConv2d(64, 128, 3, ranks=(32, 64), padding=1)
+    shapes = [tuple(p.shape) for p in (big.first, big.core, big.last, big.bias)]
+    tiles = functional.batch_tiles(big._program, (256, 64, 32, 32), shapes, np.dtype("float32"), rt)
+    assert len(tiles) >= len(rt.workers) and tiles[0][0] == 0 and tiles[-1][1] == 256
+    assert all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), ((1, 2), (2, 0), (2, 1))])
+def test_unfold_matches_torch_and_fold_is_its_adjoint(stride, padding, dilation, rng):
+    from lotus_rt.nn import functional
+    from lotus_rt.kernels import conv as conv_kernels
+    geometry = functional.ConvGeometry((3, 2), *((v, v) if isinstance(v, int) else v
+                                                 for v in (stride, padding, dilation)))
+    x = rng.standard_normal((2, 3, 7, 8))
+    cols = np.empty(functional.unfolded_shape(x.shape, geometry))
+    conv_kernels.unfold_cpu(x, cols, **geometry.kwargs())
+    c, kh, kw, n, ho, wo = cols.shape
+    reference = F.unfold(torch.from_numpy(x), (3, 2), dilation=geometry.dilation, padding=geometry.padding,
+                         stride=geometry.stride).numpy()  # (n, c*kh*kw, ho*wo)
+    assert np.allclose(cols.transpose(3, 0, 1, 2, 4, 5).reshape(n, c * kh * kw, ho * wo), reference)
+    g = rng.standard_normal(cols.shape)
+    folded = np.empty_like(x)
+    conv_kernels.fold_cpu(g, folded, **geometry.kwargs())
+    assert np.isclose(np.vdot(cols, g), np.vdot(x, folded))

@@ -5,33 +5,48 @@ unfold (im2col) for a convolution, the main contraction (``main``, an einsum who
 operand is the input or its unfolded columns), and an optional bias add. Parameters are
 passed in order: the ``pre`` ones, then the ``main`` ones, then the bias.
 
-    Tucker-2 conv: pre "nchw,cr->nrhw", unfold, main "nrijpq,srij,os->nopq"
-    CP conv:       pre "nchw,cr->nrhw", unfold, main "nrijpq,ir,jr,or->nopq"
+    Tucker-2 conv: pre "nchw,cr->nrhw", unfold, main "rijnpq,srij,os->nopq"
+    CP conv:       pre "nchw,cr->nrhw", unfold, main "rijnpq,ir,jr,or->nopq"
     TT linear:     main "zabc,xaiy,yblw,wcmv->zilm" (input reshaped to (batch, *in_shape))
 
-``forward`` runs the pieces as tasks (contractions through ``lotus_rt.tn``, the unfold and the
-bias add as codelets) and, when gradients are wanted, keeps what ``backward`` needs: the
-``tn.Saved`` of each contraction (its operands and intermediates) and the shapes. ``backward``
-runs the reverse: the main contraction's backward, a fold (col2im) for the input columns, the
-pre-contraction's backward, and a bias reduction, each as tasks. It may run more than once
-(autograd's retain_graph); the kept state is freed when the State is garbage-collected.
+Batch tiles. Every piece of a layer treats the samples of a batch independently, so the batch
+is cut into tiles (``batch_tiles``) and each tile is an independent chain of tasks: pre ->
+unfold -> main -> bias add, its intermediates registered per tile. Nothing waits between
+pieces: the chains of different tiles overlap on the workers and the caller waits once per
+forward and once per backward. Parameters are registered once and read by every tile; steps
+that touch only parameters (e.g. CP's two small kernel factors) run once per tile.
+
+``forward`` submits the chains and, when gradients are wanted, keeps what ``backward`` needs
+(per tile: the lowered ``Forward`` of each contraction, with its operands and intermediates).
+``backward`` runs the reverse per tile: the main contraction's backward, a fold (col2im), the
+pre-contraction's backward, a bias reduction; parameter gradients are per-tile partials summed
+by a tree of add tasks. It may run more than once (autograd's retain_graph); the kept state is
+freed when the State is released or garbage-collected.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from lotus_rt import tn
+from lotus_rt import config, tn
 from lotus_rt.kernels import conv as conv_kernels
-from lotus_rt.runtime import runtime
+from lotus_rt.runtime import Handle, Runtime, runtime
 from lotus_rt.runtime.core import Codelet
+from lotus_rt.tn.lower import Forward, Slot, submit_backward, submit_forward, sum_tree
+from lotus_rt.tn.plan import MIN_TASK_FLOPS, Plan
 
 UNFOLD = Codelet("conv_unfold", cpu=conv_kernels.unfold_cpu, cuda=conv_kernels.unfold_gpu)
 FOLD = Codelet("conv_fold", cpu=conv_kernels.fold_cpu, cuda=conv_kernels.fold_gpu)
 BIAS_ADD = Codelet("bias_add", cpu=conv_kernels.bias_add_cpu, cuda=conv_kernels.bias_add_gpu)
 BIAS_GRAD = Codelet("bias_grad", cpu=conv_kernels.bias_grad_cpu, cuda=conv_kernels.bias_grad_gpu)
+
+# A batch tile's forward should carry several task-sized pieces of work: its backward has about
+# three times as many tasks, each costing tens of microseconds of Python on top of its math.
+TILE_FLOPS = 8 * MIN_TASK_FLOPS
+MAX_TILES_PER_WORKER = 4
 
 
 @dataclass(frozen=True)
@@ -66,86 +81,242 @@ class Program:
 
 
 @dataclass
+class TileState:
+    """One batch tile's kept forward: rows [start, stop) of the batch."""
+
+    start: int
+    stop: int
+    pre: Forward | None
+    main: Forward | None
+    unfold_input_shape: tuple[int, ...] | None  # for fold
+
+
+@dataclass
 class State:
-    """What a forward keeps for its backward."""
+    """What a forward keeps for its backward: per-tile Forwards and every handle they read."""
 
-    saved_pre: tn.Saved | None
-    saved_main: tn.Saved | None
-    pre_shape: tuple[int, ...] | None  # the input of the unfold (for fold)
+    runtime: Runtime
+    tiles: list[TileState]
+    input_shape: tuple[int, ...]
+    param_shapes: list[tuple[int, ...]]
+    dtype: np.dtype
+    handles: list[Handle] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Free the intermediates and unregister the kept operands (idempotent)."""
+        tiles, self.tiles = self.tiles, []
+        handles, self.handles = self.handles, []
+        for tile in tiles:
+            for kept in (tile.pre, tile.main):
+                if kept is not None:
+                    kept.release()
+        for handle in handles:
+            handle.unregister()
+
+    def __del__(self):
+        if getattr(self, "handles", None) and not self.runtime.closed:
+            try:
+                self.release()
+            except Exception:  # interpreter shutdown or a closed runtime
+                pass
 
 
-def _run_codelet(codelet: Codelet, *accesses: tuple[np.ndarray, str], **kwargs: Any) -> None:
-    rt = runtime()
-    handles = [(rt.register(a), mode) for a, mode in accesses]
-    try:
-        rt.submit(codelet, *handles, **kwargs)
-        rt.wait()
-    finally:
-        for h, _ in handles:
-            h.unregister()
+def batch_tiles(program: Program, x_shape: tuple[int, ...], param_shapes: Sequence[tuple[int, ...]],
+                dtype: np.dtype, rt: Runtime) -> list[tuple[int, int]]:
+    """(start, stop) row ranges: one tile per ~TILE_FLOPS of forward work, at least one per
+    worker once there is that much work, at most MAX_TILES_PER_WORKER per worker. LOTUS_TILE
+    (rows per tile) overrides the choice."""
+    n = x_shape[0]
+    rows = config.read_settings().tile
+    if rows is None:
+        flops = sum(plan.flops for plan in _plans(program, x_shape, param_shapes, dtype, rt))
+        nworkers = max(1, len(rt.workers))
+        ntiles = int(flops // TILE_FLOPS)
+        ntiles = 1 if ntiles < 1 else min(max(ntiles, nworkers), MAX_TILES_PER_WORKER * nworkers, n)
+        rows = -(-n // ntiles)
+    return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def unfold(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """im2col as one task: (n, c, h, w) -> (n, c, kh, kw, ho, wo)."""
-    n, c, h, w = x.shape
-    ho, wo = geometry.output_hw(h, w)
-    cols = np.empty((n, c) + geometry.kernel + (ho, wo), x.dtype)
-    _run_codelet(UNFOLD, (x, "R"), (cols, "W"), **geometry.kwargs())
-    return cols
+def unfolded_shape(shape: tuple[int, ...], geometry: ConvGeometry) -> tuple[int, ...]:
+    """The shape of ``unfold``'s columns for an (n, c, h, w) input: (c, kh, kw, n, ho, wo)."""
+    n, c, h, w = shape
+    return (c,) + geometry.kernel + (n,) + geometry.output_hw(h, w)
 
 
-def fold(cols: np.ndarray, shape: tuple[int, ...], geometry: ConvGeometry) -> np.ndarray:
-    """col2im (the adjoint of ``unfold``) as one task."""
-    x = np.empty(shape, cols.dtype)
-    _run_codelet(FOLD, (cols, "R"), (x, "W"), **geometry.kwargs())
-    return x
+def _plans(program: Program, x_shape: tuple[int, ...], param_shapes: Sequence[tuple[int, ...]],
+           dtype: np.dtype, rt: Runtime) -> list[Plan]:
+    """The untiled plans of the program's contractions for an input of ``x_shape``."""
+    n = x_shape[0]
+    plans = []
+    shape = tuple(x_shape)
+    if program.pre is not None:
+        pre = tn.plan_for(program.pre, [shape] + list(param_shapes[:program.n_pre]), dtype, tile=n, rt=rt)
+        plans.append(pre)
+        shape = pre.shape(pre.output_node)
+    if program.conv is not None:
+        shape = unfolded_shape(shape, program.conv)
+    main_params = list(param_shapes[program.n_pre:program.n_pre + program.n_main])
+    plans.append(tn.plan_for(program.main, [shape] + main_params, dtype, tile=n, rt=rt))
+    return plans
+
+
+class _Registry:
+    """Handles registered for one forward/backward call, unregistered together."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.handles = rt, []
+
+    def register(self, array: np.ndarray) -> Handle:
+        handle = self.rt.register(array)
+        self.handles.append(handle)
+        return handle
+
+    def unregister_all(self) -> None:
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.unregister()
+
+
+def _check_program_shapes(program: Program, x: np.ndarray, params: Sequence[np.ndarray]) -> None:
+    expected = program.n_pre + program.n_main + int(program.bias)
+    if len(params) != expected:
+        raise ValueError(f"layer program takes {expected} parameter(s), got {len(params)}")
 
 
 def forward(program: Program, x: np.ndarray, params: Sequence[np.ndarray], keep: bool) -> tuple[np.ndarray, State | None]:
     """Run the program on ``x``; with ``keep``, also return the State ``backward`` needs."""
-    run = tn.forward if keep else (lambda eq, *ops: (tn.einsum(eq, *ops), None))
-    pre_params = params[:program.n_pre]
-    main_params = params[program.n_pre:program.n_pre + program.n_main]
-    saved_pre = pre_shape = None
+    _check_program_shapes(program, x, params)
+    rt = runtime()
+    param_shapes = [p.shape for p in params]
+    tiles = batch_tiles(program, x.shape, param_shapes, x.dtype, rt)  # validates every shape
+    full_plans = _plans(program, x.shape, param_shapes, x.dtype, rt)
+    y = np.empty(full_plans[-1].shape(full_plans[-1].output_node), x.dtype)
+    registry = _Registry(rt)
+    kept: list[TileState] = []
+    try:
+        p_handles = [registry.register(p) for p in params]
+        pre_params = p_handles[:program.n_pre]
+        main_params = p_handles[program.n_pre:program.n_pre + program.n_main]
+        for start, stop in tiles:
+            kept.append(_forward_tile(rt, registry, program, x[start:stop], y[start:stop],
+                                      pre_params, main_params, p_handles[-1] if program.bias else None,
+                                      keep, start, stop))
+        rt.wait()
+    except BaseException:
+        _abandon(rt, kept)
+        registry.unregister_all()
+        raise
+    if not keep:
+        registry.unregister_all()
+        return y, None
+    return y, State(rt, kept, x.shape, param_shapes, x.dtype, registry.handles)
+
+
+def _forward_tile(rt: Runtime, registry: _Registry, program: Program, x: np.ndarray, y: np.ndarray,
+                  pre_params: list[Handle], main_params: list[Handle], bias: Handle | None, keep: bool,
+                  start: int, stop: int) -> TileState:
+    rows = stop - start
+    current = registry.register(x)
+    shape = x.shape
+    saved_pre = saved_main = None
+    unfold_input_shape = None
     if program.pre is not None:
-        x, saved_pre = run(program.pre, x, *pre_params)
+        plan = tn.plan_for(program.pre, [shape] + [h.shape for h in pre_params], x.dtype, tile=rows, rt=rt)
+        out = np.empty(plan.shape(plan.output_node), x.dtype)
+        out_handles, saved_pre = submit_forward(rt, plan, [current] + pre_params, out, keep=keep)
+        registry.handles.extend(out_handles)
+        (current,), shape = out_handles, out.shape
     if program.conv is not None:
-        pre_shape = x.shape
-        x = unfold(x, program.conv)
-    y, saved_main = run(program.main, x, *main_params)
-    if program.bias:
-        _run_codelet(BIAS_ADD, (params[-1], "R"), (y, "RW"), axis=program.bias_axis, span=program.bias_span)
-    return y, (State(saved_pre, saved_main, pre_shape) if keep else None)
+        unfold_input_shape = shape
+        cols = np.empty(unfolded_shape(shape, program.conv), x.dtype)
+        cols_handle = registry.register(cols)
+        rt.submit(UNFOLD, (current, "R"), (cols_handle, "W"), name="conv_unfold", **program.conv.kwargs())
+        current, shape = cols_handle, cols.shape
+    plan = tn.plan_for(program.main, [shape] + [h.shape for h in main_params], x.dtype, tile=rows, rt=rt)
+    out_handles, saved_main = submit_forward(rt, plan, [current] + main_params, y, keep=keep)
+    registry.handles.extend(out_handles)
+    if bias is not None:
+        rt.submit(BIAS_ADD, (bias, "R"), (out_handles[0], "RW"), name="bias_add",
+                  axis=program.bias_axis, span=program.bias_span)
+    return TileState(start, stop, saved_pre, saved_main, unfold_input_shape)
+
+
+def _abandon(rt: Runtime, kept: list[TileState]) -> None:
+    """After a failed submit or run: let what was submitted finish, then free the tiles' state."""
+    try:
+        rt.wait()
+    except Exception:  # the failure being raised already says what went wrong
+        pass
+    for tile in kept:
+        for saved in (tile.pre, tile.main):
+            if saved is not None:
+                saved.release()
 
 
 def backward(program: Program, state: State, grad: np.ndarray, needs: Sequence[bool]) -> list[np.ndarray | None]:
     """Gradients for (x, *params) where ``needs`` is True (None elsewhere), as tasks."""
+    if not state.tiles:
+        raise RuntimeError("backward: this layer's forward state was already released")
     n_params = program.n_pre + program.n_main + int(program.bias)
     needs = list(needs) + [False] * (1 + n_params - len(needs))
-    grads: list[np.ndarray | None] = [None] * (1 + n_params)
     pre_wanted = program.pre is not None and (needs[0] or any(needs[1:1 + program.n_pre]))
     input_wanted = needs[0] or pre_wanted
-    wrt = ([0] if input_wanted else []) + [k + 1 for k in range(program.n_main)
-                                           if needs[1 + program.n_pre + k]]
-    main_grads = dict(zip(wrt, tn.backward(state.saved_main, grad, wrt, release=False)))
-    for k in range(program.n_main):
-        grads[1 + program.n_pre + k] = main_grads.get(k + 1)
-    if program.bias and needs[-1]:
-        span = grad.shape[program.bias_axis:program.bias_axis + program.bias_span]
-        bias_grad = np.empty(int(np.prod(span)), grad.dtype)
-        _run_codelet(BIAS_GRAD, (grad, "R"), (bias_grad, "W"), axis=program.bias_axis, span=program.bias_span)
-        grads[-1] = bias_grad
-    if not input_wanted:
-        return grads
-    grad_in = main_grads[0]
-    if program.conv is not None:
-        grad_in = fold(grad_in, state.pre_shape, program.conv)
-    if program.pre is None:
-        grads[0] = grad_in
-        return grads
-    wrt_pre = ([0] if needs[0] else []) + [k + 1 for k in range(program.n_pre) if needs[1 + k]]
-    pre_grads = dict(zip(wrt_pre, tn.backward(state.saved_pre, grad_in, wrt_pre, release=False)))
-    grads[0] = pre_grads.get(0)
-    for k in range(program.n_pre):
-        grads[1 + k] = pre_grads.get(k + 1)
+    rt = state.runtime
+    dtype = state.dtype
+    wanted_params = [k for k in range(n_params) if needs[1 + k]]
+    # per parameter, one partial gradient per tile (the first tile's is the result)
+    partials = {k: [np.empty(state.param_shapes[k], dtype) for _ in state.tiles] for k in wanted_params}
+    dx = np.empty(state.input_shape, dtype) if needs[0] else None
+    registry = _Registry(rt)
+    try:
+        partial_handles = {k: [registry.register(a) for a in arrays] for k, arrays in partials.items()}
+        for t, tile in enumerate(state.tiles):
+            _backward_tile(rt, registry, program, tile, grad[tile.start:tile.stop],
+                           None if dx is None else dx[tile.start:tile.stop],
+                           {k: handles[t] for k, handles in partial_handles.items()},
+                           needs, input_wanted, pre_wanted)
+        for handles in partial_handles.values():
+            sum_tree(rt, [Slot(h) for h in handles], priority=0)
+        rt.wait()
+    except BaseException:
+        try:
+            rt.wait()
+        except Exception:
+            pass
+        raise
+    finally:
+        registry.unregister_all()
+    grads: list[np.ndarray | None] = [dx] + [None] * n_params
+    for k, arrays in partials.items():
+        grads[1 + k] = arrays[0]
     return grads
+
+
+def _backward_tile(rt: Runtime, registry: _Registry, program: Program, tile: TileState, grad: np.ndarray,
+                   dx: np.ndarray | None, partials: dict[int, Handle], needs: list[bool],
+                   input_wanted: bool, pre_wanted: bool) -> None:
+    grad_handle = registry.register(grad)
+    n_pre, n_main = program.n_pre, program.n_main
+    if program.bias and needs[-1]:
+        rt.submit(BIAS_GRAD, (grad_handle, "R"), (partials[n_pre + n_main], "W"), name="bias_grad",
+                  axis=program.bias_axis, span=program.bias_span)
+    main_grads = {k + 1: partials[n_pre + k] for k in range(n_main) if needs[1 + n_pre + k]}
+    direct = program.pre is None and program.conv is None  # the main's input gradient is dx itself
+    if input_wanted:
+        main_in = tile.main.plan.shape(0)
+        main_grads[0] = registry.register(dx) if direct else registry.register(np.empty(main_in, grad.dtype))
+    submit_backward(rt, tile.main, grad_handle, sorted(main_grads), main_grads)
+    if not input_wanted or direct:
+        return
+    current = main_grads[0]
+    if program.conv is not None:
+        target = dx if program.pre is None else np.empty(tile.unfold_input_shape, grad.dtype)
+        folded = registry.register(target)
+        rt.submit(FOLD, (current, "R"), (folded, "W"), name="conv_fold", **program.conv.kwargs())
+        current = folded
+    if program.pre is None:
+        return
+    pre_grads = {k + 1: partials[k] for k in range(n_pre) if needs[1 + k]}
+    if needs[0]:
+        pre_grads[0] = registry.register(dx)
+    submit_backward(rt, tile.pre, current, sorted(pre_grads), pre_grads)

@@ -173,7 +173,7 @@ class TuckerConv2d(_FactorizedConv2d):
         self.first = nn.Parameter(first.to(dtype))
         self.core = nn.Parameter(torch.randn(r_out, r_in, kh, kw, dtype=dtype) * core_std)
         self.last = nn.Parameter(last.to(dtype))
-        self._program = Program("nrijpq,srij,os->nopq", 2, pre="nchw,cr->nrhw", n_pre=1,
+        self._program = Program("rijnpq,srij,os->nopq", 2, pre="nchw,cr->nrhw", n_pre=1,
                                 conv=self.geometry, bias=bias)
 
     @classmethod
@@ -213,7 +213,7 @@ class CPConv2d(_FactorizedConv2d):
         self.factor_h = nn.Parameter(torch.randn(kh, self.rank, dtype=dtype) * std)
         self.factor_w = nn.Parameter(torch.randn(kw, self.rank, dtype=dtype) * std)
         self.factor_out = nn.Parameter(torch.randn(out_channels, self.rank, dtype=dtype) * std)
-        self._program = Program("nrijpq,ir,jr,or->nopq", 3, pre="nchw,cr->nrhw", n_pre=1,
+        self._program = Program("rijnpq,ir,jr,or->nopq", 3, pre="nchw,cr->nrhw", n_pre=1,
                                 conv=self.geometry, bias=bias)
 
     @classmethod
@@ -270,6 +270,6 @@ class OffloadedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, 4, self.in_channels, 1, "Conv2d")
         geometry = _geometry(self.kernel_size, self.stride, self.padding, self.dilation)
-        program = Program("ncijpq,ocij->nopq", 1, conv=geometry, bias=self.bias is not None)
+        program = Program("cijnpq,ocij->nopq", 1, conv=geometry, bias=self.bias is not None)
         params = [self.weight] + ([self.bias] if self.bias is not None else [])
         return run_program(program, x, *params)

@@ -26,7 +26,7 @@ from lotus_rt.tn.lower import Forward, submit_backward, submit_forward
 from lotus_rt.tn.network import Network, parse
 from lotus_rt.tn.plan import Plan, build_plan
 
-__all__ = ["einsum", "forward", "backward", "plan", "Saved", "Plan", "Network"]
+__all__ = ["einsum", "forward", "backward", "plan", "plan_for", "Saved", "Plan", "Network"]
 
 
 def _to_numpy(operands: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
@@ -61,10 +61,22 @@ def plan(equation: str, *operands: Any, optimize: str | None = None, tile: int |
     return _plan(equation, arrays, optimize, tile, rt or runtime())
 
 
+def plan_for(equation: str, shapes: Sequence[tuple[int, ...]], dtype: Any, tile: int | None = None,
+             optimize: str | None = None, rt: Runtime | None = None) -> Plan:
+    """The plan for operands of these shapes (one dtype), for callers that lower it themselves."""
+    return _plan_shapes(equation, [tuple(s) for s in shapes], [np.dtype(dtype)] * len(shapes),
+                        optimize, tile, rt or runtime())
+
+
 def _plan(equation: str, arrays: list[np.ndarray], optimize: str | None, tile: int | None,
           rt: Runtime) -> Plan:
+    return _plan_shapes(equation, [a.shape for a in arrays], [a.dtype for a in arrays], optimize, tile, rt)
+
+
+def _plan_shapes(equation: str, shapes: list[tuple[int, ...]], dtypes: list[np.dtype],
+                 optimize: str | None, tile: int | None, rt: Runtime) -> Plan:
     settings = config.read_settings()
-    net = parse(equation, [a.shape for a in arrays], [a.dtype for a in arrays])
+    net = parse(equation, shapes, dtypes)
     optimize = settings.optimize if optimize is None else optimize
     if optimize not in config.path_optimizers():
         raise ValueError(f"einsum: unknown path optimizer {optimize!r}; valid: "

@@ -176,14 +176,15 @@ def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[i
                 partials = [temp(x, None) for _ in plan.tiles()]
                 for t, slot in enumerate(partials):
                     _submit_step(rt, step, sources(t), slot, spec=spec, name=f"d{step.kind}{n}[{t}]")
-                slots = [_sum_tree(rt, partials, step.priority)] * plan.ntiles
-            else:
-                slot = temp(x, None)
+                slots = [sum_tree(rt, partials, step.priority)] * plan.ntiles
+            else:  # an operand's gradient is written straight into its destination
+                slot = Slot(grads[x]) if x < ninputs else temp(x, None)
                 _submit_step(rt, step, sources(0), slot, spec=spec, name=f"d{step.kind}{n}")
                 slots = [slot] * plan.ntiles
             gradient[x] = slots
     for k in wrt:
-        _copy_into(rt, plan, k, gradient[k], grads[k])
+        if gradient[k][0].handle is not grads[k]:
+            _copy_into(rt, plan, k, gradient[k], grads[k])
     for handle in owned:
         handle.unregister_submit()
 
@@ -196,7 +197,7 @@ def _nodes_needing_grad(plan: Plan, wrt: set[int]) -> set[int]:
     return needs
 
 
-def _sum_tree(rt: Runtime, partials: list[Slot], priority: int) -> Slot:
+def sum_tree(rt: Runtime, partials: list[Slot], priority: int) -> Slot:
     level = list(partials)
     while len(level) > 1:
         nxt = []
