@@ -1,11 +1,15 @@
-"""``lotus-rt`` command line: ``demo`` runs the main job, ``gemm`` and ``info`` the runtime.
+"""``lotus-rt`` command line: the main job, runtime checks, benchmarks and traces.
 
     lotus-rt demo [--epochs 2]                  # MNIST CNN: dense, then tensorized on StarPU
     lotus-rt gemm [--size 1536] [--tile 256]    # tiled GEMM DAG over every StarPU worker
-    lotus-rt info                               # StarPU version, workers, policy, settings
+    lotus-rt info                               # StarPU, workers, policy, perf models, settings
+    lotus-rt bench SCENARIO [--quick] ...       # = python -m benchmarks (needs a source checkout)
+    lotus-rt trace [-o trace.json] -- python script.py [args]   # record any program's tasks
 
 ``gemm`` is the runtime's end-to-end check on real StarPU: it prints the policy in force,
-per-worker task counts and busy time, and the error against one NumPy matmul.
+per-worker task counts and busy time, and the error against one NumPy matmul. ``trace`` runs
+the command with LOTUS_TRACE_FILE set, so the program's runtime writes every task record
+(a Chrome trace for ``.json``, a Gantt chart for ``.png``) when it shuts down.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+from lotus_rt.errors import ConfigError
 
 
 def _print_stats(stats) -> None:
@@ -62,23 +68,81 @@ def gemm_demo(size: int, tile: int, seed: int) -> int:
 
 def info() -> int:
     import lotus_rt
-    from lotus_rt import config, starpu
+    from lotus_rt import config, perfmodels, starpu
 
     print(f"lotus_rt {lotus_rt.__version__}")
     if starpu.available():
         print(f"StarPU {starpu.version()} (CUDA support compiled in: {starpu.built_with_cuda()})")
     else:
         print("StarPU binding: not available")
+    settings = config.read_settings()  # raises ConfigError naming a bad LOTUS_* value
     rt = lotus_rt.runtime()
-    print(f"engine: {rt.engine}; policy: {rt.policy}")
+    print(f"engine: {rt.engine}; policy: {rt.policy}; priorities {rt.priority_range[0]}..{rt.priority_range[1]}")
     for kind, name in rt.workers:
         print(f"  worker {name} ({kind})")
-    settings = config.read_settings()
-    print(f"LOTUS_ENGINE={os.environ.get('LOTUS_ENGINE', '')!r} LOTUS_TRACE={settings.trace} "
-          f"LOTUS_TRACE_CAPACITY={settings.trace_capacity}")
+    if rt.engine == "starpu":
+        print(f"policies: {', '.join(config.usable_policies(starpu.policies(), starpu.version()))}")
+    print(f"performance models: {perfmodels.model_dir()}")
+    models = perfmodels.lotus_models()
+    if not models:
+        print("  no lotus_rt codelet measured yet (model-aware policies such as dmda record them)")
+    for m in models:
+        print(f"  {m.codelet:<16} {'+'.join(m.devices):<9} {m.calibrated}/{m.footprints} task sizes "
+              f"calibrated, {m.samples} samples")
+    print("lotus_rt settings:")
+    for name, value in config.lotus_env_report(settings).items():
+        print(f"  {name}={value}")
+    print("StarPU settings:")
     for name, value in config.starpu_env_report().items():
-        print(f"{name}={value}")
+        print(f"  {name}={value}")
     return 0
+
+
+def bench(args: list[str]) -> int:
+    """Run the benchmark suite of this source checkout (``python -m benchmarks``)."""
+    import pathlib
+    import subprocess
+
+    import lotus_rt
+    root = pathlib.Path(lotus_rt.__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        print(f"lotus-rt bench: no benchmarks/ next to {root / 'lotus_rt'}; the suite runs from a source "
+              "checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "benchmarks", *args], cwd=str(root))
+
+
+def trace(output: str, command: list[str]) -> int:
+    """Run ``command`` with its lotus_rt tasks recorded to ``output`` and summarise them."""
+    import json
+    import pathlib
+    import subprocess
+
+    from lotus_rt import config
+    if not command:
+        print("lotus-rt trace: give the command to run after --, e.g. lotus-rt trace -- python script.py",
+              file=sys.stderr)
+        return 2
+    env = dict(os.environ, LOTUS_TRACE="1", LOTUS_TRACE_FILE=output)
+    config.read_settings(env)  # a bad output suffix is an error before the program runs
+    path = pathlib.Path(output)
+    if path.exists():
+        path.unlink()
+    code = subprocess.call(command, env=env)
+    if not path.exists():
+        print(f"lotus-rt trace: {output} was not written (did the program use lotus_rt's runtime?)",
+              file=sys.stderr)
+        return code or 1
+    if path.suffix.lower() == ".json":
+        events = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("ph") == "X"]
+        per_worker: dict[int, int] = {}
+        for e in events:
+            per_worker[e["tid"]] = per_worker.get(e["tid"], 0) + 1
+        print(f"lotus-rt trace: {len(events)} tasks on {len(per_worker)} worker(s) in {output} "
+              "(open it in https://ui.perfetto.dev or chrome://tracing)")
+    else:
+        print(f"lotus-rt trace: Gantt chart in {output}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,13 +158,34 @@ def main(argv: list[str] | None = None) -> int:
     p_gemm.add_argument("--size", type=int, default=1536)
     p_gemm.add_argument("--tile", type=int, default=256)
     p_gemm.add_argument("--seed", type=int, default=0)
-    sub.add_parser("info", help="StarPU version, workers, policy and settings")
+    sub.add_parser("info", help="StarPU version, workers, policy, performance models and settings")
+    p_bench = sub.add_parser("bench", help="benchmark suite (python -m benchmarks); --list shows scenarios",
+                             add_help=False)
+    p_bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p_trace = sub.add_parser("trace", help="record a program's tasks: lotus-rt trace -o t.json -- python x.py")
+    p_trace.add_argument("-o", "--output", default="lotus_trace.json",
+                         help="trace file: .json (Chrome trace) or .png (Gantt chart)")
+    p_trace.add_argument("trace_command", nargs=argparse.REMAINDER)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it belongs to the suite, options included
+        return bench(argv[1:])
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"lotus-rt: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from lotus_rt import demo
         return demo.run(args.epochs, args.batch, args.rank, out=args.out, seed=args.seed)
     if args.command == "gemm":
         return gemm_demo(args.size, args.tile, args.seed)
+    if args.command == "trace":
+        command = args.trace_command[1:] if args.trace_command[:1] == ["--"] else args.trace_command
+        return trace(args.output, command)
     return info()
 
 

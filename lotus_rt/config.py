@@ -44,6 +44,20 @@ class Settings:
     optimize: str = "auto"
     tile: int | None = None
     idle_pause: bool = True
+    trace_file: str | None = None  # written at shutdown: .json (Chrome trace) or .png (Gantt)
+
+
+TRACE_FILE_SUFFIXES = (".json", ".png")
+
+
+def _trace_file(env: Mapping[str, str]) -> str | None:
+    raw = env.get("LOTUS_TRACE_FILE")
+    if raw is None or raw.strip() == "":
+        return None
+    if not raw.lower().endswith(TRACE_FILE_SUFFIXES):
+        raise ConfigError(f"LOTUS_TRACE_FILE={raw!r} is not valid; expected a path ending in "
+                          f"{' or '.join(TRACE_FILE_SUFFIXES)} (Chrome trace JSON or Gantt PNG)")
+    return raw
 
 
 def _choice(env: Mapping[str, str], name: str, choices: Iterable[str]) -> str | None:
@@ -74,6 +88,8 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Parse every LOTUS_* variable; raise ConfigError naming the variable on a bad value."""
     env = os.environ if env is None else env
     trace = _choice(env, "LOTUS_TRACE", BOOLEANS)
+    if trace is not None and not BOOLEANS[trace] and env.get("LOTUS_TRACE_FILE"):
+        raise ConfigError("LOTUS_TRACE_FILE is set but LOTUS_TRACE is off: nothing would be recorded")
     idle_pause = _choice(env, "LOTUS_IDLE_PAUSE", BOOLEANS)
     optimize = env.get("LOTUS_OPTIMIZE") or None
     if optimize is not None and optimize not in path_optimizers():
@@ -86,6 +102,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         optimize=optimize or Settings.optimize,
         tile=_positive_int(env, "LOTUS_TILE", 0) or None,
         idle_pause=True if idle_pause is None else BOOLEANS[idle_pause],
+        trace_file=_trace_file(env),
     )
 
 
@@ -132,3 +149,18 @@ def starpu_env_report(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The StarPU variables that are set, as StarPU will read them."""
     env = os.environ if env is None else env
     return {name: env[name] for name in STARPU_REPORTED_VARS if name in env}
+
+
+def lotus_env_report(settings: Settings, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every LOTUS_* setting with the value in force (set or default)."""
+    env = os.environ if env is None else env
+    in_force = {
+        "LOTUS_ENGINE": settings.engine or "auto (starpu, else inline)",
+        "LOTUS_TRACE": "on" if settings.trace else "off",
+        "LOTUS_TRACE_CAPACITY": str(settings.trace_capacity),
+        "LOTUS_TRACE_FILE": settings.trace_file or "(none)",
+        "LOTUS_OPTIMIZE": settings.optimize,
+        "LOTUS_TILE": str(settings.tile) if settings.tile else "auto",
+        "LOTUS_IDLE_PAUSE": "on" if settings.idle_pause else "off",
+    }
+    return {name: value + ("" if name in env else " (default)") for name, value in in_force.items()}

@@ -4,6 +4,7 @@
 its first '[' or digit run, so "pair3[2]" and "pair0[1]" share a colour), idle gaps left white.
 ``chrome_trace``: the Trace Event Format (complete events, ``ph: "X"``, microseconds) that
 Perfetto and chrome://tracing open; one thread per worker.
+``export``: either of them, chosen by the file's suffix (what LOTUS_TRACE_FILE uses at shutdown).
 """
 from __future__ import annotations
 
@@ -68,3 +69,14 @@ def write_chrome_trace(records: Sequence[TaskRecord], workers: Sequence[str], pa
     path = pathlib.Path(path)
     path.write_text(json.dumps(chrome_trace(records, workers)))
     return path
+
+
+def export(records: Sequence[TaskRecord], workers: Sequence[str], path: str | pathlib.Path,
+           title: str = "") -> pathlib.Path:
+    """Write ``records`` as a Chrome trace (``.json``) or a Gantt chart (``.png``)."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() == ".json":
+        return write_chrome_trace(records, workers, path)
+    if path.suffix.lower() == ".png":
+        return gantt_png(records, workers, path, title=title)
+    raise ValueError(f"trace export: {path} must end in .json (Chrome trace) or .png (Gantt chart)")

@@ -41,6 +41,7 @@ class Runtime:
     def __init__(self, settings: config.Settings | None = None):
         settings = config.read_settings() if settings is None else settings
         self._errors = ErrorLog()
+        self._trace_file = settings.trace_file
         self._engine = self._start_engine(settings)
         kinds = {kind for kind, _ in self._engine.workers}
         self._has_cpu, self._has_cuda = "cpu" in kinds, "cuda" in kinds
@@ -191,6 +192,8 @@ class Runtime:
             self._engine.wait_all()
             for handle in list(self._live):
                 handle.unregister()
+            if self._trace_file:
+                self._write_trace_file()
         finally:
             self._closed = True
             self._engine.shutdown()
@@ -198,6 +201,18 @@ class Runtime:
         if pending:
             warnings.warn(f"lotus_rt: {len(pending)} task(s) failed and were never waited for; "
                           f"first: {pending[0]}", RuntimeWarning, stacklevel=2)
+
+    def _write_trace_file(self) -> None:
+        from lotus_rt import tracing
+        records = self._engine.trace(False)
+        try:
+            path = tracing.export(records, [name for _, name in self.workers], self._trace_file,
+                                  title=f"{len(records)} tasks, {self.engine} ({self.policy})")
+        except Exception as exc:  # noqa: BLE001 - a trace must never turn a clean exit into a crash
+            warnings.warn(f"lotus_rt: could not write LOTUS_TRACE_FILE={self._trace_file!r}: {exc}",
+                          RuntimeWarning, stacklevel=3)
+            return
+        print(f"lotus_rt: wrote {len(records)} task records to {path}", file=sys.stderr)
 
     @property
     def closed(self) -> bool:
