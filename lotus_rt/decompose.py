@@ -558,6 +558,9 @@ def tt_ranks(in_shape: Sequence[int], out_shape: Sequence[int], rank: RankSpec) 
             raise ValueError(f"tt_ranks: ranks {list(rank)} out of range at (index, rank, max) {bad}; "
                              f"maximal ranks {max_ranks}; valid ranks: {_TT_FORMS}")
         return tuple(int(r) for r in rank)
+    if isinstance(rank, str) and rank == "vbmf":
+        raise ValueError("tt_ranks: rank 'vbmf' needs the weight itself; pass it to tt_matrix "
+                         "(or TTLinear.from_linear), which picks each cut's rank during the TT-SVD")
     raise ValueError(f"tt_ranks: invalid rank {rank!r}; valid ranks: {_TT_FORMS}")
 
 
@@ -587,19 +590,24 @@ def tt_matrix(weight, in_shape: Sequence[int], out_shape: Sequence[int], ranks: 
     Core k has shape (r_{k-1}, in_k, out_k, r_k), r_0 = r_d = 1, and
     ``W[o, i] = sum_r prod_k G_k[r_{k-1}, i_k, o_k, r_k]`` with o, i the C-order flat indices of
     (o_1..o_d) and (i_1..i_d) (see the module docstring). ``ranks`` is any form ``tt_ranks``
-    accepts; a rank beyond what a cut's SVD can give (a list rank above r_{k-1} * in_k * out_k) is
-    lowered to it, so the core shapes tell the ranks used. Exact at the maximal ranks.
+    accepts, or "vbmf": each cut's rank chosen by EVBMF (``vbmf_rank``, at least 1) on the matrix
+    that step of the sweep factorizes. A rank beyond what a cut's SVD can give (a list rank above
+    r_{k-1} * in_k * out_k) is lowered to it, so the core shapes tell the ranks used. Exact at the
+    maximal ranks.
     """
     w, dtype = _as_float64(weight, 2, "tt_matrix")
     ins, outs = _check_tt_shapes(in_shape, out_shape, "tt_matrix")
     if w.shape != (math.prod(outs), math.prod(ins)):
         raise ValueError(f"tt_matrix: weight of shape {w.shape} is not (prod(out_shape), prod(in_shape)) = "
                          f"({math.prod(outs)}, {math.prod(ins)})")
-    internal = tt_ranks(ins, outs, ranks)
+    vbmf = isinstance(ranks, str) and ranks == "vbmf"
+    internal = None if vbmf else tt_ranks(ins, outs, ranks)
     rest, r_prev, cores = _interleave_in_out(w, ins, outs).reshape(1, -1), 1, []
     for k in range(len(ins) - 1):
-        u, s, vt = np.linalg.svd(rest.reshape(r_prev * ins[k] * outs[k], -1), full_matrices=False)
-        r = min(internal[k], s.size)
+        unfolding = rest.reshape(r_prev * ins[k] * outs[k], -1)
+        u, s, vt = np.linalg.svd(unfolding, full_matrices=False)
+        # "vbmf": each cut's rank is EVBMF's on the matrix this sweep step factorizes
+        r = max(1, min(vbmf_rank(unfolding), s.size)) if vbmf else min(internal[k], s.size)
         cores.append(u[:, :r].reshape(r_prev, ins[k], outs[k], r))
         rest, r_prev = s[:r, None] * vt[:r], r
     cores.append(rest.reshape(r_prev, ins[-1], outs[-1], 1))

@@ -398,3 +398,17 @@ def test_relative_error():
     noise = rng.standard_normal((4, 5))
     assert D.relative_error(exact + noise, exact) == pytest.approx(np.linalg.norm(noise) / np.linalg.norm(exact))
     assert D.relative_error(exact, exact) == 0.0
+
+
+def test_tt_matrix_vbmf_recovers_the_tt_ranks():
+    """A TT-matrix weight of ranks (3, 2) plus noise: EVBMF on each TT-SVD cut finds them."""
+    rng = _rng(23)
+    ins, outs = (4, 6, 5), (6, 4, 5)
+    cores = [rng.standard_normal(shape) for shape in ((1, 4, 6, 3), (3, 6, 4, 2), (2, 5, 5, 1))]
+    clean = D.reconstruct_tt_matrix(cores, ins, outs)
+    w = clean + 0.01 * np.abs(clean).mean() * rng.standard_normal(clean.shape)
+    found = D.tt_matrix(w, ins, outs, "vbmf")
+    assert [c.shape[3] for c in found[:-1]] == [3, 2]
+    assert D.relative_error(D.reconstruct_tt_matrix(found, ins, outs), clean) < 0.05
+    with pytest.raises(ValueError, match="needs the weight"):
+        D.tt_ranks(ins, outs, "vbmf")

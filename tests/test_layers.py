@@ -201,3 +201,11 @@ def test_unfold_matches_torch_and_fold_is_its_adjoint(stride, padding, dilation,
     folded = np.empty_like(x)
     conv_kernels.fold_cpu(g, folded, **geometry.kwargs())
     assert np.isclose(np.vdot(cols, g), np.vdot(x, folded))
+
+
+def test_tensorize_with_vbmf_ranks_handles_convolutions_and_linears():
+    model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.Flatten(), nn.Linear(16 * 4 * 4, 24))
+    x = torch.randn(2, 2, 8, 8)
+    lotus_rt.tensorize(model, rank="vbmf", verbose=False)
+    assert [r.kind for r in model.lotus_report] == ["TuckerConv2d", "TTLinear"]
+    assert model(x).shape == (2, 24)
