@@ -5,7 +5,8 @@ output or shared by both (the planner sums private indices away first). The oper
 permuted to (batch, free, contracted) and (batch, contracted, free), made contiguous, and
 multiplied with one batched matmul; the result is written into ``out`` in the requested order.
 An operand stored as (batch, contracted, free) instead is passed as a transposed view, not
-copied: BLAS reads transposed matrices directly.
+copied: BLAS reads transposed matrices directly; an output wanted as (batch, free_b, free_a)
+is written directly as the product of the transposes.
 
 ``unary``: ``out = einsum(eq, a)`` (diagonals, sums over private indices, permutations), or
 ``broadcast``: ``out = a`` expanded along the indices ``out`` has and ``a`` lacks (the
@@ -34,6 +35,7 @@ class PairSpec:
     nfree_a: int
     ncontracted: int
     out_perm: tuple[int, ...] | None  # natural (batch, free_a, free_b) -> requested; None: same
+    out_swapped: bool = False  # requested order is (batch, free_b, free_a): write (a b)^T = b^T a^T
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,13 @@ def pair_spec(a_idx: str, b_idx: str, out_idx: str) -> PairSpec:
         raise ValueError(f"pair_spec: {a_idx},{b_idx}->{out_idx} is not a plain pairwise contraction")
     natural = batch + free_a + free_b
     out_perm = tuple(natural.index(i) for i in out_idx)
+    swapped = list(out_idx) == batch + free_b + free_a and bool(free_a) and bool(free_b)
     return PairSpec(
         a_perm=tuple(a_idx.index(i) for i in batch + free_a + contracted),
         b_perm=tuple(b_idx.index(i) for i in batch + contracted + free_b),
         nbatch=len(batch), nfree_a=len(free_a), ncontracted=len(contracted),
-        out_perm=None if out_perm == tuple(range(len(natural))) else out_perm)
+        out_perm=None if out_perm == tuple(range(len(natural))) or swapped else out_perm,
+        out_swapped=swapped)
 
 
 def broadcast_spec(a_idx: str, out_idx: str) -> UnarySpec:
@@ -103,11 +107,18 @@ def _pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, a_slice, b_slice, o
     shape3 = (math.prod(batch), math.prod(free_a), math.prod(free_b))
     a3 = _matrix_view(at, nb, nm)
     b3 = _matrix_view(bt, nb, nk)
-    if spec.out_perm is None and out.flags.c_contiguous:
+    if spec.out_swapped and out.flags.c_contiguous:
+        xp.matmul(b3.swapaxes(1, 2), a3.swapaxes(1, 2), out=out.reshape(shape3[0], shape3[2], shape3[1]))
+    elif spec.out_perm is None and out.flags.c_contiguous:
         xp.matmul(a3, b3, out=out.reshape(shape3))
     else:
         natural = xp.matmul(a3, b3).reshape(batch + free_a + free_b)
-        out[...] = natural if spec.out_perm is None else natural.transpose(spec.out_perm)
+        if spec.out_swapped:
+            nf = len(free_a)
+            order = tuple(range(nb)) + tuple(range(nb + nf, natural.ndim)) + tuple(range(nb, nb + nf))
+            out[...] = natural.transpose(order)
+        else:
+            out[...] = natural if spec.out_perm is None else natural.transpose(spec.out_perm)
 
 
 def _unary(xp: Any, a: Any, out: Any, spec: UnarySpec, a_slice, out_slice) -> None:

@@ -705,3 +705,27 @@ def test_codelet_failure_in_a_contraction(inline_engine, engine, rng, monkeypatc
         out, saved = tn.forward("bi,ij->bj", x, w, tile=2)
         (dw,) = tn.backward(saved, np.ones((8, 3)), wrt=[1])
         np.testing.assert_allclose(dw, x.T @ np.ones((8, 3)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("a_idx, b_idx, out_idx", [
+    ("ik", "kj", "ij"),          # plain GEMM
+    ("ki", "kj", "ij"),          # a stored (contracted, free): transposed view
+    ("ik", "jk", "ij"),          # b stored (free, contracted): transposed view
+    ("ik", "kj", "ji"),          # output wanted as (free_b, free_a): product of the transposes
+    ("rnpq", "rij", "rijnpq"),   # batched outer product written swapped (CP conv backward)
+    ("bkmi", "bkj", "bjmi"),     # batch + swapped output with two free indices of a
+    ("zab", "bca", "zc"),        # several contracted indices in another order: copies
+    ("xyk", "kz", "zxy"),        # output permutation that is neither natural nor swapped
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pair_kernel_layouts_match_numpy(a_idx, b_idx, out_idx, dtype, rng):
+    from lotus_rt.kernels import contract
+    sizes = dict(zip("abcijkmnpqrxyz", rng.integers(2, 6, 14).tolist()))
+    a = rng.standard_normal([sizes[i] for i in a_idx]).astype(dtype)
+    b = rng.standard_normal([sizes[i] for i in b_idx]).astype(dtype)
+    spec = contract.pair_spec(a_idx, b_idx, out_idx)
+    out = np.empty([sizes[i] for i in out_idx], dtype)
+    contract.pair_cpu(a, b, out, spec=spec)
+    reference = np.einsum(f"{a_idx},{b_idx}->{out_idx}", a.astype(np.float64), b.astype(np.float64))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.allclose(out, reference, rtol=tol, atol=tol)
