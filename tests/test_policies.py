@@ -343,3 +343,27 @@ def test_idle_workers_are_paused_between_waits(run_py, describe_proc, pause):
         assert idle_cpu < 0.1, f"paused workers used {idle_cpu} s of CPU in 0.4 s"
     else:  # two polling workers: close to 0.8 s of CPU time in 0.4 s, even on a busy machine
         assert idle_cpu > 0.2, f"polling workers used only {idle_cpu} s of CPU in 0.4 s"
+
+
+def test_tasks_held_after_a_pause_run_when_anything_waits_on_them(starpu_rt):
+    """After a complete wait the workers are paused and new tasks are held until something needs
+    them: polling a Future, acquire and unregister must each get them run (never a hang)."""
+    import time
+
+    a = np.ones(3)
+    h = starpu_rt.register(a)
+    double = starpu_rt.codelet("double", cpu=lambda x: np.multiply(x, 2, out=x))
+    starpu_rt.submit(double, (h, "RW"))
+    starpu_rt.wait()                                   # pauses the workers
+    future = starpu_rt.submit(double, (h, "RW"))       # held
+    deadline = time.monotonic() + 20
+    while not future.done():
+        assert time.monotonic() < deadline, "a held task never ran while its Future was polled"
+        time.sleep(0.001)
+    starpu_rt.wait()
+    starpu_rt.submit(double, (h, "RW"))
+    with h.acquire("R") as view:
+        assert view[0] == 8.0
+    starpu_rt.wait()
+    starpu_rt.submit(double, (h, "RW"))
+    assert h.unregister()[0] == 16.0

@@ -15,9 +15,12 @@ submission order. Python keeps only:
 - the idle pause (LOTUS_IDLE_PAUSE, on by default): StarPU's idle CPU workers poll at 100% CPU,
   which halves the speed of whatever else the process runs (torch between layers, the
   optimizer). When ``wait()`` finds every task done and nothing was submitted meanwhile, the
-  workers are paused (``starpu_pause``); the next submit resumes them. ``_submitted`` counts
-  submits so a wait racing a submit from another thread never pauses that thread's task.
-  CPU-only runs for now (see ``wait_all``).
+  workers are paused (``starpu_pause``). The tasks submitted next are held (StarPU queues
+  them) until ``START_BATCH`` of them are queued or anything waits on them (``wait``, a
+  Future, ``unregister``/``acquire``), then the workers resume: a burst of small submits runs
+  without the submitting thread and the workers taking the GIL from each other at every task.
+  ``_submitted`` counts submits so a wait racing a submit from another thread never pauses
+  that thread's task. CPU-only runs for now (see ``wait_all``).
 
 Per-worker counts and busy time come from StarPU's profiling; per-task records come from a
 bounded ring filled by the C completion callback.
@@ -37,6 +40,7 @@ from lotus_rt.runtime.core import ErrorLog, Task, TaskRecord, WorkerStats, footp
 from lotus_rt.starpu import load, policies, version
 
 KINDS = {0: "cpu", 1: "cuda", 2: "other"}
+START_BATCH = 64  # tasks held while the workers are paused before they are resumed anyway
 ENOERR = {-19: "ENODEV: no worker of this StarPU can run this codelet",
           -7: "E2BIG: too many arrays for one task"}
 
@@ -68,16 +72,19 @@ def _entry_point_failed(exc_type, exc, tb) -> None:
 class _RecWaiter:
     """Waits on one task's C record; the record is released when this object dies."""
 
-    __slots__ = ("_rec", "_lib")
+    __slots__ = ("_rec", "_lib", "_engine")
 
-    def __init__(self, rec: Any, lib: Any):
+    def __init__(self, rec: Any, lib: Any, engine: "StarPUEngine"):
         self._rec = rec
         self._lib = lib
+        self._engine = engine
 
     def done(self) -> bool:
+        self._engine.start_held_tasks()  # someone is polling: held tasks must be able to run
         return bool(self._lib.lotus_rec_done(self._rec))
 
     def wait(self, timeout: float | None) -> bool:
+        self._engine.start_held_tasks()
         return bool(self._lib.lotus_rec_wait(self._rec, -1.0 if timeout is None else float(timeout)))
 
 
@@ -120,6 +127,7 @@ class StarPUEngine:
         self._idle_pause = settings.idle_pause
         self._pause_lock = threading.Lock()
         self._paused = False
+        self._held = 0  # tasks submitted since the workers were paused
         self._submitted = 0
 
     def _worker_name(self, worker_id: int) -> str:
@@ -147,6 +155,7 @@ class StarPUEngine:
         self._lib.lotus_unregister_submit(ref)
 
     def unregister(self, ref: Any, array: np.ndarray | None) -> None:
+        self.start_held_tasks()  # unregistering waits for the tasks on the data
         self._lib.lotus_unregister(ref)
         if self._pin and array is not None:
             self._lib.lotus_unpin(self._ffi.cast("void *", array.ctypes.data), array.nbytes)
@@ -155,6 +164,7 @@ class StarPUEngine:
         self._orphans.append((ref, array))
 
     def acquire(self, ref: Any, mode: str) -> None:
+        self.start_held_tasks()
         ret = self._lib.lotus_acquire(ref, self._mode_ints[mode])
         if ret != 0:
             raise RuntimeError(f"starpu_data_acquire failed with {ret}")
@@ -192,7 +202,9 @@ class StarPUEngine:
         name = task.name.encode()
         self._submitted += 1
         if self._paused:
-            self._resume()
+            self._held += 1
+            if self._held >= START_BATCH:
+                self._resume()
         self._pending[task_id] = task
         try:
             rec = lib.lotus_submit(c_codelet, handles, modes, n, priority, name, task_id, fp)
@@ -203,7 +215,7 @@ class StarPUEngine:
             self._pending.pop(task_id, None)
             err = lib.lotus_last_submit_error()
             raise RuntimeError(f"starpu_task_submit failed for task {task.name!r}: {ENOERR.get(err, err)}")
-        return _RecWaiter(ffi.gc(rec, lib.lotus_rec_release), lib)
+        return _RecWaiter(ffi.gc(rec, lib.lotus_rec_release), lib, self)
 
     def _footprint(self, task: Task) -> int:
         if task.kwargs:  # scalar arguments take part; not worth caching
@@ -241,6 +253,7 @@ class StarPUEngine:
 
     def wait_all(self) -> None:
         submitted = self._submitted
+        self.start_held_tasks()
         ret = self._lib.lotus_wait_all()
         if ret != 0:
             raise RuntimeError(f"starpu_task_wait_for_all failed with {ret}")
@@ -253,10 +266,15 @@ class StarPUEngine:
                     self._lib.lotus_pause()
                     self._paused = True
 
+    def start_held_tasks(self) -> None:
+        if self._paused and self._held:
+            self._resume()
+
     def _resume(self) -> None:
         with self._pause_lock:
             if self._paused:
                 self._paused = False
+                self._held = 0
                 self._lib.lotus_resume()
 
     def _drain_orphans(self) -> None:
