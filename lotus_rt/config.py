@@ -16,6 +16,7 @@ from typing import Iterable, Mapping
 from lotus_rt.errors import ConfigError
 
 ENGINES = ("starpu", "inline")
+FUSE_MODES = ("auto", "on", "off")
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
             "0": False, "false": False, "no": False, "off": False}
 
@@ -45,6 +46,7 @@ class Settings:
     tile: int | None = None
     idle_pause: bool = True
     trace_file: str | None = None  # written at shutdown: .json (Chrome trace) or .png (Gantt)
+    fuse: str = "auto"  # small layers as one forward and one backward task: auto, on, off
 
 
 TRACE_FILE_SUFFIXES = (".json", ".png")
@@ -103,6 +105,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         tile=_positive_int(env, "LOTUS_TILE", 0) or None,
         idle_pause=True if idle_pause is None else BOOLEANS[idle_pause],
         trace_file=_trace_file(env),
+        fuse=_choice(env, "LOTUS_FUSE", FUSE_MODES) or Settings.fuse,
     )
 
 
@@ -162,5 +165,6 @@ def lotus_env_report(settings: Settings, env: Mapping[str, str] | None = None) -
         "LOTUS_OPTIMIZE": settings.optimize,
         "LOTUS_TILE": str(settings.tile) if settings.tile else "auto",
         "LOTUS_IDLE_PAUSE": "on" if settings.idle_pause else "off",
+        "LOTUS_FUSE": settings.fuse,
     }
     return {name: value + ("" if name in env else " (default)") for name, value in in_force.items()}

@@ -25,6 +25,13 @@ def _layers():
     ]
 
 
+@pytest.fixture(params=["off", "on"])
+def fuse(request, monkeypatch):
+    """Each test using it runs once as task DAGs (LOTUS_FUSE=off) and once fused (on)."""
+    monkeypatch.setenv("LOTUS_FUSE", request.param)
+    return request.param
+
+
 def _dense_weight(layer) -> torch.Tensor:
     if isinstance(layer, lotus_rt.TuckerConv2d):
         return torch.from_numpy(decompose.reconstruct_tucker2(*(p.detach().numpy() for p in (layer.core, layer.first, layer.last))))
@@ -37,7 +44,7 @@ def _dense_weight(layer) -> torch.Tensor:
 
 @pytest.mark.parametrize("make, shape", _layers())
 @pytest.mark.parametrize("offloaded", [False, True])
-def test_forward_equals_the_reconstructed_dense_layer(make, shape, offloaded):
+def test_forward_equals_the_reconstructed_dense_layer(make, shape, offloaded, fuse):
     layer = make()
     layer.offloaded = offloaded
     x = torch.randn(shape, dtype=D)
@@ -51,7 +58,7 @@ def test_forward_equals_the_reconstructed_dense_layer(make, shape, offloaded):
 
 
 @pytest.mark.parametrize("make, shape", _layers())
-def test_gradcheck_offloaded(make, shape):
+def test_gradcheck_offloaded(make, shape, fuse):
     layer = make()
     lotus_rt.offload(layer)
     x = torch.randn(shape, dtype=D, requires_grad=True)
@@ -66,7 +73,7 @@ def _model():
         lotus_rt.TTLinear((4, 4, 4), (2, 2, 3), 3), nn.ReLU(), nn.Linear(12, 3)).double()
 
 
-def test_offloaded_model_matches_torch_outputs_and_gradients():
+def test_offloaded_model_matches_torch_outputs_and_gradients(fuse):
     model = _model()
     twin = _model()
     twin.load_state_dict(model.state_dict())
@@ -82,7 +89,7 @@ def test_offloaded_model_matches_torch_outputs_and_gradients():
     assert set(twin.state_dict()) == set(model.state_dict())
 
 
-def test_short_training_run_lowers_the_loss():
+def test_short_training_run_lowers_the_loss(fuse):
     torch.manual_seed(1)
     model = lotus_rt.offload(_model().float())
     x = torch.randn(32, 2, 8, 8)
@@ -209,3 +216,20 @@ def test_tensorize_with_vbmf_ranks_handles_convolutions_and_linears():
     lotus_rt.tensorize(model, rank="vbmf", verbose=False)
     assert [r.kind for r in model.lotus_report] == ["TuckerConv2d", "TTLinear"]
     assert model(x).shape == (2, 24)
+
+
+
+@pytest.mark.parametrize("mode, fused", [("on", True), ("off", False), ("auto", True)])
+def test_fuse_setting_decides_between_one_task_and_a_dag(mode, fused, monkeypatch):
+    monkeypatch.setenv("LOTUS_FUSE", mode)
+    layer = lotus_rt.offload(lotus_rt.CPConv2d(4, 6, 3, rank=3, padding=1, dtype=D))
+    x = torch.randn(2, 4, 7, 7, dtype=D, requires_grad=True)
+    rt = lotus_rt.runtime()
+    rt.trace(clear=True)
+    layer(x).sum().backward()
+    names = [r.name for r in rt.trace()]
+    if rt.engine == "starpu":  # the inline engine keeps no trace
+        if fused:
+            assert names == ["layer_forward", "layer_backward"], names
+        else:
+            assert "layer_forward" not in names and "conv_unfold" in names and "conv_fold" in names, names

@@ -252,7 +252,10 @@ def test_bad_starpu_env_is_a_config_error_before_any_task(run_py, describe_proc,
     ({"LOTUS_TRACE_CAPACITY": "0"}, ["LOTUS_TRACE_CAPACITY", "'0'", "positive integer"]),
     ({"LOTUS_TRACE_CAPACITY": "lots"}, ["LOTUS_TRACE_CAPACITY", "'lots'"]),
     ({"LOTUS_IDLE_PAUSE": "sometimes"}, ["LOTUS_IDLE_PAUSE", "'sometimes'", "valid values"]),
-], ids=["engine_bogus", "trace_maybe", "capacity_zero", "capacity_text", "idle_pause_bad"])
+    ({"LOTUS_FUSE": "maybe"}, ["LOTUS_FUSE", "'maybe'", "auto, on, off"]),
+    ({"LOTUS_TRACE_FILE": "t.txt"}, ["LOTUS_TRACE_FILE", "'t.txt'", ".json or .png"]),
+], ids=["engine_bogus", "trace_maybe", "capacity_zero", "capacity_text", "idle_pause_bad", "fuse_bad",
+        "trace_file_bad"])
 def test_bad_lotus_env_is_a_config_error(run_py, describe_proc, env, words):
     proc, lines = _run_config(run_py, env)
     assert proc.returncode == 0, describe_proc(proc)

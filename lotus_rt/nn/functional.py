@@ -16,6 +16,13 @@ pieces: the chains of different tiles overlap on the workers and the caller wait
 forward and once per backward. Parameters are registered once and read by every tile; steps
 that touch only parameters (e.g. CP's two small kernel factors) run once per tile.
 
+Fused small layers. A layer whose forward is one batch tile anyway (under ``TILE_FLOPS``) gains
+nothing from a DAG of a dozen tiny tasks: each costs more in Python and GIL hand-offs between
+worker threads than its math. Such a layer (LOTUS_FUSE=auto, the default; ``on`` fuses every
+layer, ``off`` none) runs its forward as one task and its backward as one task
+(``kernels/fused.py``: the backward recomputes the forward's intermediates), still scheduled by
+StarPU like any other task.
+
 ``forward`` submits the chains and, when gradients are wanted, keeps what ``backward`` needs
 (per tile: the lowered ``Forward`` of each contraction, with its operands and intermediates).
 ``backward`` runs the reverse per tile: the main contraction's backward, a fold (col2im), the
@@ -33,6 +40,7 @@ import numpy as np
 
 from lotus_rt import config, tn
 from lotus_rt.kernels import conv as conv_kernels
+from lotus_rt.kernels import fused as fused_kernels
 from lotus_rt.runtime import Handle, Runtime, runtime
 from lotus_rt.runtime.core import Codelet
 from lotus_rt.tn.lower import Forward, Slot, submit_backward, submit_forward, sum_tree
@@ -42,6 +50,8 @@ UNFOLD = Codelet("conv_unfold", cpu=conv_kernels.unfold_cpu, cuda=conv_kernels.u
 FOLD = Codelet("conv_fold", cpu=conv_kernels.fold_cpu, cuda=conv_kernels.fold_gpu)
 BIAS_ADD = Codelet("bias_add", cpu=conv_kernels.bias_add_cpu, cuda=conv_kernels.bias_add_gpu)
 BIAS_GRAD = Codelet("bias_grad", cpu=conv_kernels.bias_grad_cpu, cuda=conv_kernels.bias_grad_gpu)
+FUSED_FORWARD = Codelet("layer_forward", cpu=fused_kernels.forward_cpu, cuda=fused_kernels.forward_gpu)
+FUSED_BACKWARD = Codelet("layer_backward", cpu=fused_kernels.backward_cpu, cuda=fused_kernels.backward_gpu)
 
 # A batch tile's forward should carry several task-sized pieces of work: its backward has about
 # three times as many tasks, each costing tens of microseconds of Python on top of its math.
@@ -121,6 +131,19 @@ class State:
                 pass
 
 
+@dataclass
+class FusedState:
+    """What a fused forward keeps: its input and packed parameters (the backward recomputes)."""
+
+    runtime: Runtime
+    x: np.ndarray
+    packed: np.ndarray
+    kwargs: dict[str, Any]
+
+    def release(self) -> None:
+        self.x = self.packed = None
+
+
 def batch_tiles(program: Program, x_shape: tuple[int, ...], param_shapes: Sequence[tuple[int, ...]],
                 dtype: np.dtype, rt: Runtime) -> list[tuple[int, int]]:
     """(start, stop) row ranges: one tile per ~TILE_FLOPS of forward work, at least one per
@@ -191,6 +214,9 @@ def forward(program: Program, x: np.ndarray, params: Sequence[np.ndarray], keep:
     tiles = batch_tiles(program, x.shape, param_shapes, x.dtype, rt)  # validates every shape
     full_plans = _plans(program, x.shape, param_shapes, x.dtype, rt)
     y = np.empty(full_plans[-1].shape(full_plans[-1].output_node), x.dtype)
+    settings = config.read_settings()
+    if settings.fuse == "on" or (settings.fuse == "auto" and len(tiles) == 1 and settings.tile is None):
+        return y, _fused_forward(rt, program, x, params, y, keep)
     registry = _Registry(rt)
     kept: list[TileState] = []
     try:
@@ -253,8 +279,52 @@ def _abandon(rt: Runtime, kept: list[TileState]) -> None:
                 saved.release()
 
 
-def backward(program: Program, state: State, grad: np.ndarray, needs: Sequence[bool]) -> list[np.ndarray | None]:
+def _fused_kwargs(program: Program, shapes: Sequence[tuple[int, ...]]) -> dict[str, Any]:
+    g = program.conv
+    return {"shapes": tuple(tuple(s) for s in shapes), "pre": program.pre, "n_pre": program.n_pre,
+            "main": program.main, "n_main": program.n_main,
+            "conv": None if g is None else (g.kernel, g.stride, g.padding, g.dilation),
+            "bias_axis": program.bias_axis, "bias_span": program.bias_span}
+
+
+def _run_registered(rt: Runtime, codelet: Codelet, accesses: list[tuple[np.ndarray, str]], name: str,
+                    kwargs: dict[str, Any]) -> None:
+    """One task on freshly registered arrays; waits, then gives the arrays back."""
+    registry = _Registry(rt)
+    try:
+        handles = [(registry.register(a), mode) for a, mode in accesses]
+        rt.submit(codelet, *handles, name=name, **kwargs)
+        rt.wait()
+    finally:
+        registry.unregister_all()
+
+
+def _fused_forward(rt: Runtime, program: Program, x: np.ndarray, params: Sequence[np.ndarray],
+                   y: np.ndarray, keep: bool) -> FusedState | None:
+    packed = np.concatenate([p.reshape(-1) for p in params])  # small layers only: a cheap copy
+    kwargs = _fused_kwargs(program, [p.shape for p in params])
+    _run_registered(rt, FUSED_FORWARD, [(x, "R"), (packed, "R"), (y, "W")], "layer_forward", kwargs)
+    return FusedState(rt, x, packed, kwargs) if keep else None
+
+
+def _fused_backward(state: FusedState, grad: np.ndarray, needs: list[bool]) -> list[np.ndarray | None]:
+    if state.x is None:
+        raise RuntimeError("backward: this layer's forward state was already released")
+    dx = np.empty_like(state.x)
+    dpacked = np.empty_like(state.packed)
+    _run_registered(state.runtime, FUSED_BACKWARD,
+                    [(state.x, "R"), (state.packed, "R"), (grad, "R"), (dx, "W"), (dpacked, "W")],
+                    "layer_backward", dict(state.kwargs, needs=tuple(bool(n) for n in needs)))
+    views = fused_kernels.unpack(dpacked, state.kwargs["shapes"])
+    return [dx if needs[0] else None] + [v if wanted else None for v, wanted in zip(views, needs[1:])]
+
+
+def backward(program: Program, state: State | FusedState, grad: np.ndarray,
+             needs: Sequence[bool]) -> list[np.ndarray | None]:
     """Gradients for (x, *params) where ``needs`` is True (None elsewhere), as tasks."""
+    if isinstance(state, FusedState):
+        n_params = len(state.kwargs["shapes"])
+        return _fused_backward(state, grad, list(needs) + [False] * (1 + n_params - len(needs)))
     if not state.tiles:
         raise RuntimeError("backward: this layer's forward state was already released")
     n_params = program.n_pre + program.n_main + int(program.bias)
