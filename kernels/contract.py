@@ -133,6 +133,15 @@ def _unary(xp: Any, a: Any, out: Any, spec: UnarySpec, a_slice, out_slice) -> No
         out[...] = shared.reshape(shape)
 
 
+def pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec) -> None:
+    """``out`` = the pairwise contraction of whole arrays (for bodies that chain several)."""
+    _pair(xp, a, b, out, spec, None, None, None)
+
+
+def unary(xp: Any, a: Any, out: Any, spec: UnarySpec) -> None:
+    _unary(xp, a, out, spec, None, None)
+
+
 def pair_cpu(a, b, out, *, spec: PairSpec, a_slice=None, b_slice=None, out_slice=None) -> None:
     _pair(np, a, b, out, spec, a_slice, b_slice, out_slice)
 

@@ -9,7 +9,8 @@ The gradient of a contraction ``out = einsum(t_0, ..., t_n -> o)`` with respect 
 ``einsum(t_0, .., [skip k], .., t_n, o -> t_k)`` applied to the other operands and the output
 gradient; an index of t_k found in no other term and not in o was summed privately, so the
 gradient is constant along it (computed without it, then broadcast). Terms must not repeat an
-index. Contractions run through opt_einsum expressions cached per (equation, shapes).
+index. Contractions run step by step through lotus_rt's plans (cached per equation and shapes)
+with the same GEMM-shaped pair kernels the task DAGs use.
 
 Parameters travel packed in one flat array (and their gradients likewise), so a task needs at
 most five buffers whatever the layer: x, params, y (forward); x, params, grad, dx, param grads
@@ -24,20 +25,34 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-import opt_einsum
-
+from lotus_rt.kernels import contract as contract_kernels
 from lotus_rt.kernels import conv as conv_kernels
 
 Shape = tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=512)
-def _expression(equation: str, shapes: tuple[Shape, ...]) -> Any:
-    return opt_einsum.contract_expression(equation, *shapes, optimize="auto")
+def _plan(equation: str, shapes: tuple[Shape, ...], dtype: str) -> Any:
+    # lotus_rt's planner (opt_einsum's path, every pairwise step laid out as a batched GEMM);
+    # imported here because the planner sits above the kernels in the package
+    from lotus_rt.tn.network import parse
+    from lotus_rt.tn.plan import build_plan
+    net = parse(equation, shapes, [np.dtype(dtype)] * len(shapes))
+    return build_plan(net, "auto", max(net.sizes.values(), default=1), 1)  # one tile: untiled
 
 
-def contract(equation: str, *operands: Any) -> Any:
-    return _expression(equation, tuple(tuple(op.shape) for op in operands))(*operands)
+def contract(xp: Any, equation: str, *operands: Any) -> Any:
+    """``einsum(equation, *operands)``, step by step with the contraction kernels' GEMMs."""
+    plan = _plan(equation, tuple(tuple(op.shape) for op in operands), operands[0].dtype.str)
+    values = dict(enumerate(operands))
+    for step in plan.steps:
+        out = xp.empty(plan.shape(step.output), operands[0].dtype)
+        if step.kind == "pair":
+            contract_kernels.pair(xp, values[step.inputs[0]], values[step.inputs[1]], out, step.spec)
+        else:
+            contract_kernels.unary(xp, values[step.inputs[0]], out, step.spec)
+        values[step.output] = out
+    return values[plan.output_node]
 
 
 def unpack(flat: Any, shapes: Sequence[Shape]) -> list[Any]:
@@ -61,7 +76,7 @@ def operand_gradient(xp: Any, equation: str, operands: Sequence[Any], k: int, gr
     seen = set("".join(others))
     kept = "".join(i for i in term if i in seen)
     ops = [op for j, op in enumerate(operands) if j != k] + [grad_out]
-    g = contract(",".join(others) + "->" + kept, *ops)
+    g = contract(xp, ",".join(others) + "->" + kept, *ops)
     if kept == term:
         return g
     shape = [operands[k].shape[p] if i in seen else 1 for p, i in enumerate(term)]
@@ -90,9 +105,9 @@ def _bias_shape(y_shape: Shape, axis: int, span: int) -> list[int]:
 def _forward(xp: Any, x: Any, params: list[Any], pre: str | None, n_pre: int, main: str, n_main: int,
              conv_kwargs: dict | None) -> tuple[Any, Any, Any]:
     """(pre output, main's first operand, main output) of the program."""
-    h = contract(pre, x, *params[:n_pre]) if pre is not None else x
+    h = contract(xp, pre, x, *params[:n_pre]) if pre is not None else x
     first = _unfold(xp, h, conv_kwargs) if conv_kwargs is not None else h
-    return h, first, contract(main, first, *params[n_pre:n_pre + n_main])
+    return h, first, contract(xp, main, first, *params[n_pre:n_pre + n_main])
 
 
 def _run_forward(xp: Any, x, packed, y, *, shapes, pre, n_pre, main, n_main, conv, bias_axis, bias_span):
