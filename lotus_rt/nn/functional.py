@@ -16,7 +16,7 @@ pieces: the chains of different tiles overlap on the workers and the caller wait
 forward and once per backward. Parameters are registered once and read by every tile; steps
 that touch only parameters (e.g. CP's two small kernel factors) run once per tile.
 
-Fused small layers. A layer whose forward is one batch tile anyway (under ``TILE_FLOPS``) gains
+Fused small layers. A layer whose forward is under ``FUSE_FLOPS`` (about 2 ms of work) gains
 nothing from a DAG of a dozen tiny tasks: each costs more in Python and GIL hand-offs between
 worker threads than its math. Such a layer (LOTUS_FUSE=auto, the default; ``on`` fuses every
 layer, ``off`` none) runs its forward as one task and its backward as one task
@@ -57,6 +57,9 @@ FUSED_BACKWARD = Codelet("layer_backward", cpu=fused_kernels.backward_cpu, cuda=
 # three times as many tasks, each costing tens of microseconds of Python on top of its math.
 TILE_FLOPS = 8 * MIN_TASK_FLOPS
 MAX_TILES_PER_WORKER = 4
+# Measured on 2 cores (2026-11-27, training steps of the demo's layers, fused vs DAG): fused won
+# at 3e7 forward FLOPs (17.7 vs 22.1 ms), tied at 1.4e7, lost at 7e7 and 8e7 (22 vs 13, 44 vs 22).
+FUSE_FLOPS = 2 * MIN_TASK_FLOPS
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,8 @@ def forward(program: Program, x: np.ndarray, params: Sequence[np.ndarray], keep:
     full_plans = _plans(program, x.shape, param_shapes, x.dtype, rt)
     y = np.empty(full_plans[-1].shape(full_plans[-1].output_node), x.dtype)
     settings = config.read_settings()
-    if settings.fuse == "on" or (settings.fuse == "auto" and len(tiles) == 1 and settings.tile is None):
+    small = sum(plan.flops for plan in full_plans) < FUSE_FLOPS
+    if settings.fuse == "on" or (settings.fuse == "auto" and small and settings.tile is None):
         return y, _fused_forward(rt, program, x, params, y, keep)
     registry = _Registry(rt)
     kept: list[TileState] = []
