@@ -49,7 +49,7 @@ demo: deps
 	$(PYTHON) -m lotus_rt.cli demo
 
 bench: deps
-	$(PYTHON) benchmarks/overhead.py
+	$(PYTHON) -m benchmarks $(or $(SCENARIO),all)
 
 # Compile-checks the binding against Debian trixie's StarPU 1.4 headers (fetched privately).
 check-starpu-1.4: deps

@@ -54,40 +54,37 @@ task (wall - first-task-start-to-last-task-end span: planning, registration, sub
 wait and unregistration), the idle worker-time per task, busy time per plan step and the
 GFLOP/s achieved inside tasks.
 
-    python benchmarks/einsum_bench.py [--batch 256] [--repeats 7] [--tiles 32,64,128]
-                                      [--out benchmarks/out/einsum.json] [--quick]
+    python -m benchmarks einsum [--quick] [--out DIR] [--batch 256] [--repeats 7] [--tiles 32,64,128]
+    python benchmarks/einsum_bench.py ...                  (the same, as a script)
 
-Writes the JSON and a bar chart of the speed ratios next to it (same name, ``.png``).
-``--quick`` (TT rank 4 only, batch 16, 3 repeats, tiles None and 8; well under 15 s) writes
-``benchmarks/out/einsum_quick.json`` unless ``--out`` is given, so it never overwrites a full run.
+Writes ``DIR/einsum.json`` (default DIR benchmarks/out) and a bar chart of the speed ratios
+next to it (``einsum.png``). ``--quick`` (TT rank 4 only, batch 16, 3 repeats, tiles None and 8;
+well under 15 s) writes ``einsum_quick.json`` / ``.png``, so it never overwrites a full run.
 The exit status is 1 when an output disagrees with the float64 reference, else 0.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import ctypes
-import json
 import math
-import os
-import pathlib
-import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import opt_einsum
-from opt_einsum.helpers import flop_count
-from threadpoolctl import threadpool_limits
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    import pathlib
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import lotus_rt
-from lotus_rt import tn
+import numpy as np  # noqa: E402
+import opt_einsum  # noqa: E402
+from opt_einsum.helpers import flop_count  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
-OUT = pathlib.Path(__file__).resolve().parent / "out"
-MAX_REL_ERROR = 1e-4
-SETTLE_S = 0.02  # untimed sleep after each call
+import lotus_rt  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import StarPUPause, median_spread, rel_error  # noqa: E402
+from lotus_rt import tn  # noqa: E402
+
+MAX_REL_ERROR = common.MAX_REL_ERROR["float32"]
+SETTLE_S = common.SETTLE_S  # untimed sleep after each call
 SETTLE_BLAS_S = 0.15  # after numpy calls: OpenBLAS threads spin ~0.1 s before sleeping
 FLOPS_TARGET = 1.05
 SPEED_TARGET = 1.0
@@ -102,8 +99,7 @@ class Net:
 
 
 def networks(batch: int, ranks: list[int], quick: bool) -> list[Net]:
-    nets = [Net(f"tt_r{r}", "zijkl,iaq,qjbr,rkcs,sld->zabcd",
-                ((batch, 4, 8, 8, 4), (4, 4, r), (r, 8, 8, r), (r, 8, 8, r), (r, 4, 4)),
+    nets = [Net(f"tt_r{r}", common.TT_EQUATION, common.tt_shapes(batch, r),
                 f"TT-matrix layer 1024->1024 (4x8x8x4 <-> 4x8x8x4), TT-ranks {r}") for r in ranks]
     if not quick:
         nets.append(Net("tucker2", "zij,ia,jb,abef->zef",
@@ -113,47 +109,6 @@ def networks(batch: int, ranks: list[int], quick: bool) -> list[Net]:
                         ((batch, 32, 32), (32, 32), (32, 32), (32, 32), (32, 32)),
                         "CP layer 1024->1024 (32x32 <-> 32x32), rank 32"))
     return nets
-
-
-def _median_spread(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "samples": samples}
-
-
-# ---------------------------------------------------------------------------------- StarPU pause
-
-class StarPUPause:
-    """``starpu_pause()`` / ``starpu_resume()`` from the libstarpu already loaded in this process."""
-
-    def __init__(self, rt):
-        self.lib = None
-        if rt.engine != "starpu":
-            return
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libstarpu-" in line and ".so" in line}
-        for path in sorted(paths):
-            try:
-                lib = ctypes.CDLL(path)  # already loaded: dlopen returns the same instance
-                lib.starpu_pause, lib.starpu_resume  # noqa: B018 (both must exist)
-            except (OSError, AttributeError):
-                continue
-            self.lib = lib
-            break
-
-    @property
-    def available(self) -> bool:
-        return self.lib is not None
-
-    @contextlib.contextmanager
-    def paused(self):
-        if self.lib is None:
-            yield
-            return
-        self.lib.starpu_pause()
-        try:
-            yield
-        finally:
-            self.lib.starpu_resume()
 
 
 # ---------------------------------------------------------------------------------- FLOPs
@@ -225,17 +180,12 @@ def _step_text(plan, step) -> str:
 def plan_report(plan) -> dict:
     return {"optimizer": plan.optimizer, "tile_index": plan.tile_index, "tile": plan.tile,
             "ntiles": plan.ntiles, "flops": plan.flops,
-            "tasks": sum(plan.ntiles if s.tiled else 1 for s in plan.steps),
+            "tasks": common.einsum_tasks(plan),
             "steps": [{"step": _step_text(plan, s), "kind": s.kind, "flops": s.flops,
                        "tiled": s.tiled, "priority": s.priority} for s in plan.steps]}
 
 
 # ---------------------------------------------------------------------------------- timing
-
-def rel_error(out, reference: np.ndarray) -> float:
-    out = np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float64)
-    return float(np.max(np.abs(out - reference)) / np.max(np.abs(reference)))
-
 
 def profile_lotus(rt, net: Net, ops, tile, nworkers: int, plan) -> dict:
     """One traced call: how its wall time splits between task bodies and everything else."""
@@ -317,23 +267,17 @@ def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, pause: S
         errors[name] = rel_error(out, reference)
         del out
         time.sleep(settle[name])
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for rep in range(repeats):
-        k = rep % len(names)
-        for name in names[k:] + names[:k]:
-            elapsed, out = variants[name]()
-            del out
-            times[name].append(elapsed)
-            time.sleep(settle[name])
+    # the output is dropped at once (only the elapsed time is kept)
+    times = common.interleaved({name: (lambda fn=fn: fn()[0]) for name, fn in variants.items()},
+                               repeats, settle)
 
     lotus_results = []
     for name, tile in zip(lotus_names, tiles):
         plan = tn.plan(net.equation, *ops, tile=tile)
-        ratios = {f"{ref}_over_lotus": _median_spread([r / l for r, l in zip(times[ref], times[name])])
+        ratios = {f"{ref}_over_lotus": median_spread([r / l for r, l in zip(times[ref], times[name])])
                   for ref in ("torch", "numpy", "numpy_path", "torch_unpaused")}
         lotus_results.append({"variant": name, "tile_request": tile, "plan": plan_report(plan),
-                              "time_s": _median_spread(times[name]), **ratios,
+                              "time_s": median_spread(times[name]), **ratios,
                               "max_rel_error": errors[name],
                               "profile": profile_lotus(rt, net, ops, tile, nthreads, plan)})
     best = min(lotus_results, key=lambda r: r["time_s"]["median"])
@@ -342,7 +286,7 @@ def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, pause: S
         "description": net.description,
         "flops": flops_report(net, ops),
         "lotus": lotus_results,
-        "references": {name: {"time_s": _median_spread(times[name]), "max_rel_error": errors[name]}
+        "references": {name: {"time_s": median_spread(times[name]), "max_rel_error": errors[name]}
                        for name in ("torch", "torch_unpaused", "numpy", "numpy_path")},
         "best_lotus_variant": best["variant"],
     }
@@ -351,9 +295,9 @@ def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, pause: S
 # ---------------------------------------------------------------------------------- output
 
 def print_table(result: dict) -> None:
-    n = result["threads"]
-    print(f"engine={result['engine']} policy={result['policy']} workers={len(result['workers'])} "
-          f"(StarPU {result['starpu_version']}), {n} thread(s) for every variant, batch "
+    n, env = result["threads"], result["environment"]
+    print(f"engine={env['engine']} policy={env['policy']} workers={len(env['workers'])} "
+          f"(StarPU {env['starpu_version']}), {n} thread(s) for every variant, batch "
           f"{result['batch']}, float32, {result['repeats']} repeats; references run with StarPU "
           f"{'paused' if result['starpu_paused_for_references'] else 'NOT paused'}")
     head = (f"{'network':<9} {'variant':<17} {'tiles':>5} {'tasks':>5} {'lotus ms':>9} "
@@ -386,51 +330,33 @@ def print_table(result: dict) -> None:
               f"lotus-convention ratio {f['auto']['ratio_vs_optimal_lotus_convention']:.3f})")
 
 
-def plot(result: dict, path: pathlib.Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict, path) -> None:
     nets = result["networks"]
     variants = [lot["variant"] for lot in nets[0]["lotus"]]
     panels = [("torch_over_lotus", "torch.einsum / lotus_rt", False),
               ("numpy_path_over_lotus", "numpy.einsum (optimal path) / lotus_rt", False),
               ("numpy_over_lotus", "numpy.einsum(optimize=True) / lotus_rt", True)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
-    width = 0.8 / len(variants)
-    x = np.arange(len(nets))
+    fig, axes = common.figure(len(panels), width=5.2)
     for ax, (key, title, log) in zip(axes, panels):
-        for k, name in enumerate(variants):
-            med = [net["lotus"][k][key]["median"] for net in nets]
-            lo = [m - net["lotus"][k][key]["min"] for m, net in zip(med, nets)]
-            hi = [net["lotus"][k][key]["max"] - m for m, net in zip(med, nets)]
-            ax.bar(x + (k - (len(variants) - 1) / 2) * width, med, width, yerr=[lo, hi], capsize=2,
-                   label=name.replace("lotus", ""))
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks(x, [net["name"] for net in nets])
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("speed ratio (> 1: lotus_rt faster)")
-        if log:
-            ax.set_yscale("log")
-    axes[0].legend(title="lotus_rt tile", fontsize=8)
-    fig.suptitle(f"lotus_rt.einsum, batch {result['batch']}, float32, {result['threads']} threads "
-                 f"({result['date']}, {result['machine']['node']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        common.speedup_bars(ax, [net["name"] for net in nets],
+                            {name.replace("lotus", ""): [net["lotus"][k][key] for net in nets]
+                             for k, name in enumerate(variants)},
+                            ylabel="speed ratio (> 1: lotus_rt faster)", title=title, log=log,
+                            legend_title="lotus_rt tile")
+        if ax is not axes[0] and ax.get_legend() is not None:
+            ax.get_legend().remove()
+    env = result["environment"]
+    common.save(fig, path, f"lotus_rt.einsum, batch {result['batch']}, float32, {result['threads']} "
+                           f"threads ({env['date']}, {env['hostname']})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser("einsum", __doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 256; 16 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
     parser.add_argument("--ranks", type=str, default=None, help="TT-ranks, comma-separated (default 8,16)")
     parser.add_argument("--tiles", type=str, default=None,
                         help="fixed tile sizes to sweep besides tile=None (default 32,64,128)")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="JSON path (default benchmarks/out/einsum.json); the PNG goes next to it")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny configuration (TT rank 4, batch 16, 3 repeats, one fixed tile)")
     args = parser.parse_args(argv)
     quick = args.quick
     batch = args.batch or (16 if quick else 256)
@@ -438,19 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [int(r) for r in (args.ranks or ("4" if quick else "8,16")).split(",")]
     fixed = [int(t) for t in (args.tiles or ("8" if quick else "32,64,128")).split(",") if t.strip()]
     tiles: list = [None] + [t for t in fixed if 0 < t]
-    out_path = args.out or OUT / ("einsum_quick.json" if quick else "einsum.json")
 
     import torch
 
     rt = lotus_rt.runtime()
-    nthreads = max(1, sum(kind == "cpu" for kind, _ in rt.workers))
+    nthreads = common.cpu_workers(rt)
     torch.set_num_threads(nthreads)
     pause = StarPUPause(rt)
     rng = np.random.default_rng(0)
     nets = [run_network(rt, net, tiles, repeats, nthreads, pause, rng)
             for net in networks(batch, ranks, quick)]
 
-    from lotus_rt import starpu
     summary = {}
     for net in nets:
         auto, best = net["lotus"][0], min(net["lotus"], key=lambda r: r["time_s"]["median"])
@@ -469,16 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             "flops_target_met_auto": net["flops"]["auto"]["meets_target"],
         }
     result = {
-        "benchmark": "einsum",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.processor(),
-                    "python": platform.python_version(), "numpy": np.__version__,
-                    "torch": torch.__version__, "opt_einsum": opt_einsum.__version__},
-        "engine": rt.engine,
-        "starpu_version": starpu.version() if starpu.available() else None,
-        "policy": rt.policy,
-        "workers": rt.workers,
-        "env": lotus_rt.config.starpu_env_report(),
+        "scenario": "einsum", "environment": common.environment(rt),
         "threads": nthreads,
         "torch_num_threads": torch.get_num_threads(),
         "torch_opt_einsum": bool(torch.backends.opt_einsum.enabled and torch.backends.opt_einsum.is_available()),
@@ -489,9 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "networks": nets,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
-    png = out_path.with_suffix(".png")
+    out_path = common.write_result(args.out, "einsum", quick, result)
+    png = common.png_path(out_path)
     plot(result, png)
     print_table(result)
     print(f"wrote {out_path} and {png}")

@@ -130,7 +130,7 @@ def plot(result: dict, path) -> None:
         ratio = c["torch_over_lotus"]["median"]
         ax.text(k, ratio, f"{ratio:.2f}x", ha="center", va="bottom", fontsize=8)
     common.save(fig, path, f"one training step per layer: target {SPEED_TARGET}x (dashed), floor "
-                f"{SPEED_FLOOR}x (dotted); {result['threads']} threads, {result['environment']['policy']}")
+                f"{SPEED_FLOOR}x (dotted); {result['config']['threads']} threads, {result['environment']['policy']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     results = [run_case(case, repeats, steps, rt) for case in cases(batch, args.quick)]
     result = {
-        "benchmark": "layers", "quick": args.quick, "environment": common.environment(rt),
-        "threads": threads, "torch_threads": torch.get_num_threads(), "dtype": "float32",
-        "batch": batch, "repeats": repeats, "steps_per_sample": steps,
+        "scenario": "layers", "quick": args.quick, "environment": common.environment(rt),
+        "config": {"threads": threads, "torch_threads": torch.get_num_threads(), "dtype": "float32",
+                   "batch": batch, "repeats": repeats, "steps_per_sample": steps},
         "targets": {"torch_over_lotus": f">= {SPEED_TARGET} (floor {SPEED_FLOOR})"},
         "cases": results,
     }

@@ -1,38 +1,36 @@
 """Runtime overhead benchmark: empty tasks (independent, dependent chain) and a tiled GEMM.
 
 Runs every variant side by side in one process, repeats each (warm-up, then the median of
-``--repeats`` runs) and writes ``benchmarks/out/overhead.json``:
+``--repeats`` runs):
 
 - independent: N empty tasks with no data, submitted then waited for (µs per task);
 - chain: N empty-bodied tasks all accessing one handle in RW (µs per task);
-- gemm: a tiled GEMM DAG vs one numpy matmul on the same number of BLAS threads as there
-  are StarPU CPU workers (ratio numpy_time / dag_time, > 1 means the DAG is faster).
+- gemm: a tiled GEMM DAG (``common.gemm_workload``: registering, running and unregistering
+  the tiles) vs one numpy matmul on the same number of BLAS threads as there are StarPU CPU
+  workers, in interleaved rounds; the ratio numpy_time / dag_time is per round (> 1 means the
+  DAG is faster).
 
-    python benchmarks/overhead.py [--tasks 20000] [--repeats 5] [--size 2048 --tile 256]
+    python -m benchmarks overhead [--quick] [--out DIR] [--tasks 20000] [--repeats 5]
+                                  [--size 2048 --tile 256]
+    python benchmarks/overhead.py ...                      (the same, as a script)
+
+Writes ``DIR/overhead[_quick].json`` and a bar chart ``overhead[_quick].png`` (µs per task,
+GEMM ratio). ``--quick``: 2 000 tasks, 3 repeats, GEMM 512 tile 128. Exit status 1 when the
+GEMM DAG disagrees with numpy.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import pathlib
-import platform
-import statistics
 import sys
 import time
 
-import numpy as np
-from threadpoolctl import threadpool_limits
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    import pathlib
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import lotus_rt
-from lotus_rt.workloads import gemm_dag, split_tiles
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
-OUT = pathlib.Path(__file__).resolve().parent / "out"
-
-
-def _median_spread(samples: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "samples": samples}
+from benchmarks import common  # noqa: E402
 
 
 def independent_tasks(rt, n: int) -> float:
@@ -56,75 +54,84 @@ def chain_tasks(rt, n: int) -> float:
     return elapsed / n * 1e6
 
 
-def gemm_pair(rt, size: int, tile: int, rng) -> tuple[float, float, float]:
-    """(DAG seconds, numpy seconds, max relative error). The DAG time covers registering,
-    submitting, running and unregistering the tiles; tiling and reassembly copies are not
-    counted (they are layout work a tiled application does not repeat)."""
-    a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
-    a_tiles, b_tiles = split_tiles(a, tile), split_tiles(b, tile)
-    start = time.perf_counter()
-    c_tiles = gemm_dag(rt, a_tiles, b_tiles)
-    dag = time.perf_counter() - start
-    ncpu = sum(kind == "cpu" for kind, _ in rt.workers)
-    with threadpool_limits(limits=max(ncpu, 1), user_api="blas"):
-        start = time.perf_counter()
-        reference = a @ b
-        ref = time.perf_counter() - start
-    c = np.block(c_tiles)
-    error = float(np.max(np.abs(c - reference)) / np.max(np.abs(reference)))
-    return dag, ref, error
+def gemm_versus_numpy(rt, size: int, tile: int, repeats: int) -> dict:
+    """The tiled GEMM DAG and numpy's matmul on the same operands, interleaved rounds."""
+    gemm = common.gemm_workload(rt, size, tile)
+    a, b = gemm.inputs
+    nthreads = common.cpu_workers(rt)
+
+    def numpy_matmul() -> float:
+        with threadpool_limits(limits=nthreads, user_api="blas"):
+            start = time.perf_counter()
+            a @ b
+            return time.perf_counter() - start
+
+    error = gemm.error()  # also the DAG's warm-up
+    numpy_matmul()
+    times = common.interleaved({"dag": gemm.call, "numpy": numpy_matmul}, repeats)
+    return {"size": size, "tile": tile, "tasks": gemm.tasks, "dtype": "float64",
+            "blas_threads": nthreads,
+            "dag_s": common.median_spread(times["dag"]), "numpy_s": common.median_spread(times["numpy"]),
+            "numpy_over_dag": common.median_spread([n / d for d, n in zip(times["dag"], times["numpy"])]),
+            "max_rel_error": error, "tolerance": gemm.tolerance}
+
+
+def plot(result: dict, path) -> None:
+    fig, axes = common.figure(2, width=4.6)
+    common.speedup_bars(axes[0], ["independent", "dependent chain"],
+                        {"µs/task": [result["independent_us_per_task"], result["chain_us_per_task"]]},
+                        ylabel="µs per empty task (submit + run + wait)", baseline=None,
+                        title=f"{result['config']['tasks']} empty tasks")
+    g = result["gemm"]
+    common.speedup_bars(axes[1], [f"{g['size']}², tile {g['tile']}\n({g['tasks']} tasks)"],
+                        {"numpy / DAG": [g["numpy_over_dag"]]},
+                        ylabel="numpy matmul time / DAG time (> 1: DAG faster)",
+                        title=f"tiled GEMM, {g['blas_threads']} BLAS threads for numpy")
+    env = result["environment"]
+    common.save(fig, path, f"lotus_rt overhead, {env['engine']} {env['starpu_version'] or ''}, policy "
+                           f"{env['policy']}, {len(env['workers'])} workers ({env['date']}, {env['hostname']})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--tile", type=int, default=256)
-    parser.add_argument("--out", type=pathlib.Path, default=OUT / "overhead.json")
-    args = parser.parse_args(argv)
+    p = common.parser("overhead", __doc__.splitlines()[0])
+    p.add_argument("--tasks", type=int, default=None, help="tasks per run (default 20000; 2000 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5; 3 with --quick)")
+    p.add_argument("--size", type=int, default=None, help="GEMM size (default 2048; 512 with --quick)")
+    p.add_argument("--tile", type=int, default=None, help="GEMM tile (default 256; 128 with --quick)")
+    args = p.parse_args(argv)
+    q = args.quick
+    tasks, repeats = args.tasks or (2000 if q else 20000), args.repeats or (3 if q else 5)
+    size, tile = args.size or (512 if q else 2048), args.tile or (128 if q else 256)
 
+    import lotus_rt
     rt = lotus_rt.runtime()
-    rng = np.random.default_rng(0)
-    independent_tasks(rt, 1000), chain_tasks(rt, 1000), gemm_pair(rt, args.tile * 2, args.tile, rng)
-    indep = [independent_tasks(rt, args.tasks) for _ in range(args.repeats)]
-    chain = [chain_tasks(rt, args.tasks) for _ in range(args.repeats)]
-    gemm_runs = [gemm_pair(rt, args.size, args.tile, rng) for _ in range(args.repeats)]
-    dag, ref = [g[0] for g in gemm_runs], [g[1] for g in gemm_runs]
-    ratios = [r / d for d, r in zip(dag, ref)]
+    independent_tasks(rt, 1000), chain_tasks(rt, 1000)  # warm-up
+    indep = [independent_tasks(rt, tasks) for _ in range(repeats)]
+    chain = [chain_tasks(rt, tasks) for _ in range(repeats)]
+    gemm = gemm_versus_numpy(rt, size, tile, repeats)
 
-    from lotus_rt import starpu
     result = {
-        "benchmark": "overhead",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"node": platform.node(), "cpus": os.cpu_count(), "processor": platform.processor(),
-                    "python": platform.python_version(), "numpy": np.__version__},
-        "engine": rt.engine,
-        "starpu_version": starpu.version() if starpu.available() else None,
-        "policy": rt.policy,
-        "workers": rt.workers,
-        "env": lotus_rt.config.starpu_env_report(),
-        "tasks": args.tasks,
-        "independent_us_per_task": _median_spread(indep),
-        "chain_us_per_task": _median_spread(chain),
-        "gemm": {"size": args.size, "tile": args.tile, "dtype": "float64",
-                 "dag_s": _median_spread(dag), "numpy_s": _median_spread(ref),
-                 "numpy_over_dag": _median_spread(ratios),
-                 "max_rel_error": max(g[2] for g in gemm_runs)},
+        "scenario": "overhead", "quick": q, "environment": common.environment(rt),
+        "config": {"tasks": tasks, "repeats": repeats},
+        "independent_us_per_task": common.median_spread(indep),
+        "chain_us_per_task": common.median_spread(chain),
+        "gemm": gemm,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"engine={rt.engine} policy={rt.policy} workers={len(rt.workers)} "
-          f"(StarPU {result['starpu_version']})")
-    print(f"independent empty task: {statistics.median(indep):6.2f} us/task "
-          f"(min {min(indep):.2f}, max {max(indep):.2f})")
-    print(f"dependent chain task:   {statistics.median(chain):6.2f} us/task "
-          f"(min {min(chain):.2f}, max {max(chain):.2f})")
-    print(f"tiled GEMM {args.size}^2 tile {args.tile}: DAG {statistics.median(dag):.3f} s, numpy "
-          f"{statistics.median(ref):.3f} s, numpy/DAG = {statistics.median(ratios):.2f}x "
-          f"(max rel error {result['gemm']['max_rel_error']:.1e})")
-    print(f"wrote {args.out}")
-    return 0
+    path = common.write_result(args.out, "overhead", q, result)
+    plot(result, common.png_path(path))
+    env = result["environment"]
+    print(f"engine={env['engine']} policy={env['policy']} workers={len(env['workers'])} "
+          f"(StarPU {env['starpu_version']})")
+    for label, key in (("independent empty task", "independent_us_per_task"),
+                       ("dependent chain task  ", "chain_us_per_task")):
+        s = result[key]
+        print(f"{label}: {s['median']:6.2f} us/task (min {s['min']:.2f}, max {s['max']:.2f})")
+    print(f"tiled GEMM {size}^2 tile {tile}: DAG {gemm['dag_s']['median']:.3f} s, numpy "
+          f"{gemm['numpy_s']['median']:.3f} s, numpy/DAG = {gemm['numpy_over_dag']['median']:.2f}x "
+          f"(max rel error {gemm['max_rel_error']:.1e})")
+    print(f"wrote {path} and {common.png_path(path)}")
+    ok = common.report_errors([("tiled GEMM", gemm["max_rel_error"], gemm["tolerance"])])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""The benchmark suite runs: ``python -m benchmarks SCENARIO --quick`` writes sound JSON and a PNG.
+
+Each scenario runs once, in a subprocess from the repository root (as a user would run it),
+with a private STARPU_HOME and StarPU silenced; the checks then read what it wrote: the
+environment record, the scenario's main results (positive medians, correct answers, and the
+facts the scenario is about, e.g. that each policy's process really ran that policy) and the
+PNG's magic bytes. ``layers`` is checked only when its module exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, describe, starpu_skip_reason
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TIMEOUT_S = 180
+ENV_KEYS = ("starpu_version", "workers", "policy", "date")
+NEEDS_STARPU = {"policies", "ncpu"}   # they vary StarPU settings across processes
+
+
+def run_benchmarks(args: list[str], tmp_path, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    home = tmp_path / "starpu_home"
+    home.mkdir(exist_ok=True)
+    env = dict(os.environ, STARPU_SILENT="1", STARPU_HOME=str(home))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, *args], cwd=str(REPO_ROOT), env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def positive(spread: dict) -> bool:
+    return spread["median"] > 0 and spread["min"] > 0 and len(spread["samples"]) >= 1
+
+
+# ------------------------------------------------------------------ per-scenario checks
+
+def check_overhead(data: dict) -> None:
+    assert positive(data["independent_us_per_task"]) and positive(data["chain_us_per_task"])
+    gemm = data["gemm"]
+    assert positive(gemm["dag_s"]) and positive(gemm["numpy_s"]) and positive(gemm["numpy_over_dag"])
+    assert gemm["tasks"] == (gemm["size"] // gemm["tile"]) ** 3
+    assert gemm["max_rel_error"] <= gemm["tolerance"] <= 1e-10
+
+
+def check_einsum(data: dict) -> None:
+    assert data["networks"]
+    for net in data["networks"]:
+        assert net["lotus"]
+        for lot in net["lotus"]:
+            assert positive(lot["time_s"]) and positive(lot["torch_over_lotus"])
+            assert lot["plan"]["tasks"] >= 1
+            assert lot["max_rel_error"] <= 1e-4
+        assert net["flops"]["auto"]["ratio_vs_optimal"] >= 1.0 - 1e-12
+    assert set(data["summary"]) == {net["name"] for net in data["networks"]}
+
+
+def check_policies(data: dict) -> None:
+    rows = {r["label"]: r for r in data["summary"]}
+    assert {"eager", "lws", "dmda"} <= set(rows), rows.keys()
+    assert rows["eager"]["gemm_speedup"] == rows["eager"]["tt_speedup"] == 1.0
+    assert rows["eager"]["gemm_best_pass_speedup"] == 1.0
+    for r in rows.values():
+        assert r["gemm_ms"] > 0 and r["tt_ms"] > 0 and r["gemm_speedup"] > 0 and r["tt_speedup"] > 0
+        assert r["gemm_speedup"] == pytest.approx(rows["eager"]["gemm_ms"] / r["gemm_ms"])
+    assert not data["failed"]
+    for run in data["runs"]:   # each process really ran under its own STARPU_SCHED
+        assert run["status"] == "ok"
+        assert run["environment"]["policy"] == run["label"] == run["env"]["STARPU_SCHED"]
+        assert sum(run["worker_tasks"].values()) > 0
+        for w in run["workloads"].values():
+            assert w["max_rel_error"] <= w["tolerance"]
+    import lotus_rt.starpu
+    from lotus_rt import config
+    version = lotus_rt.starpu.version()
+    refused = set(lotus_rt.starpu.policies()) - set(config.usable_policies(lotus_rt.starpu.policies(), version))
+    assert {s["policy"] for s in data["skipped"]} == refused
+    assert all(s["reason"] for s in data["skipped"])
+    assert not refused & set(rows)
+
+
+def check_ncpu(data: dict) -> None:
+    rows = data["summary"]
+    assert [r["ncpu"] for r in rows] == list(range(1, (os.cpu_count() or 1) + 1))
+    assert rows[0]["gemm_speedup"] == rows[0]["tt_speedup"] == 1.0
+    for r in rows:
+        for kind in ("gemm", "tt"):
+            assert r[f"{kind}_ms"] > 0
+            assert r[f"{kind}_efficiency"] == pytest.approx(r[f"{kind}_speedup"] / r["ncpu"])
+    for run, row in zip(data["runs"], rows):   # STARPU_NCPU really set the number of workers
+        assert len(run["environment"]["workers"]) == row["ncpu"]
+        assert len(run["worker_tasks"]) == row["ncpu"]
+
+
+def check_tiles(data: dict) -> None:
+    gemm, tt = data["gemm"], data["tt"]
+    assert gemm[0]["untiled"] and gemm[0]["tasks"] == 1 and gemm[0]["tile"] == data["config"]["gemm"]["size"]
+    tasks = [r["tasks"] for r in gemm]
+    assert tasks == sorted(tasks) and len(set(tasks)) == len(tasks)   # smaller tiles, more tasks
+    assert tt[0]["tile"] == "auto" and any(r["untiled"] for r in tt)
+    for r in gemm + tt:
+        assert positive(r["time_s"]) and positive(r["speedup_vs_untiled"])
+        assert r["max_rel_error"] <= r["tolerance"]
+        if r["untiled"]:
+            assert r["speedup_vs_untiled"]["samples"] == [1.0] * len(r["time_s"]["samples"])
+
+
+def check_layers(data: dict) -> None:
+    cases = data["cases"]
+    assert cases
+    for case in cases:
+        assert positive(case["lotus_s"]) and positive(case["torch_s"])
+        assert case["max_rel_error"] <= 1e-4
+
+
+CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_policies,
+          "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers}
+
+
+def scenario_params():
+    layers_missing = not (REPO_ROOT / "benchmarks" / "layers_bench.py").exists()
+    for name in CHECKS:
+        marks = []
+        if name == "layers" and layers_missing:
+            marks = [pytest.mark.skip(reason="benchmarks/layers_bench.py does not exist yet")]
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.mark.parametrize("name", scenario_params())
+def test_scenario_quick_writes_json_and_png(name, tmp_path):
+    if name in NEEDS_STARPU and starpu_skip_reason():
+        pytest.skip(starpu_skip_reason())
+    out = tmp_path / "out"
+    proc = run_benchmarks(["-m", "benchmarks", name, "--quick", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    json_path, png_path = out / f"{name}_quick.json", out / f"{name}_quick.png"
+    assert json_path.is_file(), describe(proc)
+    data = json.loads(json_path.read_text())
+    env = data.get("environment", data)
+    for key in ENV_KEYS:
+        assert env.get(key), (key, env)
+    assert data["quick"] is True
+    CHECKS[name](data)
+    assert png_path.read_bytes()[:8] == PNG_MAGIC
+    assert png_path.stat().st_size > 5000   # an actual chart, not an empty canvas
+
+
+def test_script_mode_runs(tmp_path):
+    """``python benchmarks/overhead.py`` works too (benchmarks.common importable as a script)."""
+    proc = run_benchmarks(["benchmarks/overhead.py", "--tasks", "200", "--repeats", "1", "--size", "128",
+                           "--tile", "64", "--out", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert data["config"] == {"tasks": 200, "repeats": 1} and data["quick"] is False
+    assert (tmp_path / "overhead.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_list_and_unknown_scenario(tmp_path):
+    proc = run_benchmarks(["-m", "benchmarks", "--list"], tmp_path, timeout=60)
+    assert proc.returncode == 0, describe(proc)
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert listed == ["overhead", "einsum", "layers", "policies", "ncpu", "tiles", "all"], proc.stdout
+    proc = run_benchmarks(["-m", "benchmarks", "no-such-scenario"], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "unknown scenario 'no-such-scenario'" in proc.stderr, describe(proc)
+
+
+def test_missing_scenario_module_is_reported_not_raised(monkeypatch, capsys):
+    from benchmarks import __main__ as suite
+
+    monkeypatch.setitem(suite.SCENARIOS, "ghost", ("benchmarks.no_such_module", "a module not written"))
+    assert suite.main(["ghost", "--quick"]) == 2
+    assert "scenario 'ghost' is unavailable: module benchmarks.no_such_module" in capsys.readouterr().err
+    assert suite.main(["--list"]) == 0
+    ghost = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ghost ")]
+    assert len(ghost) == 1 and "[unavailable: module benchmarks.no_such_module" in ghost[0]
+
+
+def test_median_spread_and_result_paths(tmp_path):
+    from benchmarks import common
+
+    assert common.median_spread([3, 1, 2]) == {"median": 2.0, "min": 1.0, "max": 3.0, "samples": [3.0, 1.0, 2.0]}
+    path = common.write_result(tmp_path, "demo", True, {"x": 1})
+    assert path == tmp_path / "demo_quick.json" and json.loads(path.read_text()) == {"x": 1}
+    assert common.png_path(path) == tmp_path / "demo_quick.png"
+    assert common.result_path(tmp_path, "demo", False).name == "demo.json"
