@@ -173,22 +173,17 @@ def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, monkeypatc
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_batch_tiles_follow_lotus_tile(monkeypatch):
+def test_batch_tiles_follow_the_work_and_lotus_tile():
     from lotus_rt.nn import functional
-    layer = lotus_rt.TuckerConv2d(4, 6, 3, ranks=2)
-    rt = lotus_rt.runtime()
-    monkeypatch.setenv("LOTUS_TILE", "3")
-    assert functional.batch_tiles(layer._program, (8, 4, 6, 6), [(4, 2), (2, 2, 3, 3), (6, 2), (6,)],
-                                  np.dtype("float64"), rt) == [(0, 3), (3, 6), (6, 8)]
-    monkeypatch.delenv("LOTUS_TILE")
-    # a small layer is one tile; a large one is cut into at least one tile per worker
-    assert len(functional.batch_tiles(layer._program, (8, 4, 6, 6), [(4, 2), (2, 2, 3, 3), (6, 2), (6,)],
-                                      np.dtype("float64"), rt)) == 1
-    big = lotus_rt.TuckerConv2d(64, 128, 3, ranks=(32, 64), padding=1)
-    shapes = [tuple(p.shape) for p in (big.first, big.core, big.last, big.bias)]
-    tiles = functional.batch_tiles(big._program, (256, 64, 32, 32), shapes, np.dtype("float32"), rt)
-    assert len(tiles) >= len(rt.workers) and tiles[0][0] == 0 and tiles[-1][1] == 256
-    assert all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+    assert functional.batch_tiles(8, 1e9, 2, rows=3) == [(0, 3), (3, 6), (6, 8)]
+    assert functional.batch_tiles(8, 0.5 * functional.TILE_FLOPS, 2) == [(0, 8)]  # small: one tile
+    # enough work for one tile is still cut into one tile per worker
+    assert functional.batch_tiles(256, 1.2 * functional.TILE_FLOPS, 2) == [(0, 128), (128, 256)]
+    # lots of work: at most MAX_TILES_PER_WORKER per worker, never more tiles than samples
+    tiles = functional.batch_tiles(256, 1000 * functional.TILE_FLOPS, 2)
+    assert len(tiles) == 2 * functional.MAX_TILES_PER_WORKER
+    assert tiles[0][0] == 0 and tiles[-1][1] == 256 and all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+    assert len(functional.batch_tiles(3, 1000 * functional.TILE_FLOPS, 2)) == 3
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), ((1, 2), (2, 0), (2, 1))])

@@ -147,16 +147,12 @@ class FusedState:
         self.x = self.packed = None
 
 
-def batch_tiles(program: Program, x_shape: tuple[int, ...], param_shapes: Sequence[tuple[int, ...]],
-                dtype: np.dtype, rt: Runtime) -> list[tuple[int, int]]:
-    """(start, stop) row ranges: one tile per ~TILE_FLOPS of forward work, at least one per
-    worker once there is that much work, at most MAX_TILES_PER_WORKER per worker. LOTUS_TILE
-    (rows per tile) overrides the choice."""
-    n = x_shape[0]
-    rows = config.read_settings().tile
+def batch_tiles(n: int, flops: float, nworkers: int, rows: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) ranges over a batch of ``n`` whose forward costs ``flops``: one tile per
+    ~TILE_FLOPS, at least one per worker once there is that much work, at most
+    MAX_TILES_PER_WORKER per worker; ``rows`` (LOTUS_TILE) fixes the tile length instead."""
     if rows is None:
-        flops = sum(plan.flops for plan in _plans(program, x_shape, param_shapes, dtype, rt))
-        nworkers = max(1, len(rt.workers))
+        nworkers = max(1, nworkers)
         ntiles = int(flops // TILE_FLOPS)
         ntiles = 1 if ntiles < 1 else min(max(ntiles, nworkers), MAX_TILES_PER_WORKER * nworkers, n)
         rows = -(-n // ntiles)
@@ -203,7 +199,7 @@ class _Registry:
             handle.unregister()
 
 
-def _check_program_shapes(program: Program, x: np.ndarray, params: Sequence[np.ndarray]) -> None:
+def _check_parameter_count(program: Program, params: Sequence[np.ndarray]) -> None:
     expected = program.n_pre + program.n_main + int(program.bias)
     if len(params) != expected:
         raise ValueError(f"layer program takes {expected} parameter(s), got {len(params)}")
@@ -211,16 +207,16 @@ def _check_program_shapes(program: Program, x: np.ndarray, params: Sequence[np.n
 
 def forward(program: Program, x: np.ndarray, params: Sequence[np.ndarray], keep: bool) -> tuple[np.ndarray, State | None]:
     """Run the program on ``x``; with ``keep``, also return the State ``backward`` needs."""
-    _check_program_shapes(program, x, params)
+    _check_parameter_count(program, params)
     rt = runtime()
     param_shapes = [p.shape for p in params]
-    tiles = batch_tiles(program, x.shape, param_shapes, x.dtype, rt)  # validates every shape
-    full_plans = _plans(program, x.shape, param_shapes, x.dtype, rt)
+    full_plans = _plans(program, x.shape, param_shapes, x.dtype, rt)  # validates every shape
+    flops = sum(plan.flops for plan in full_plans)
     y = np.empty(full_plans[-1].shape(full_plans[-1].output_node), x.dtype)
     settings = config.read_settings()
-    small = sum(plan.flops for plan in full_plans) < FUSE_FLOPS
-    if settings.fuse == "on" or (settings.fuse == "auto" and small and settings.tile is None):
+    if settings.fuse == "on" or (settings.fuse == "auto" and flops < FUSE_FLOPS and settings.tile is None):
         return y, _fused_forward(rt, program, x, params, y, keep)
+    tiles = batch_tiles(x.shape[0], flops, len(rt.workers), settings.tile)
     registry = _Registry(rt)
     kept: list[TileState] = []
     try:
