@@ -716,11 +716,16 @@ def test_codelet_failure_in_a_contraction(inline_engine, engine, rng, monkeypatc
     ("bkmi", "bkj", "bjmi"),     # batch + swapped output with two free indices of a
     ("zab", "bca", "zc"),        # several contracted indices in another order: copies
     ("xyk", "kz", "zxy"),        # output permutation that is neither natural nor swapped
+    ("os", "npqs", "nopq"),      # 1x1 conv: one GEMM per sample n, the weight broadcast
+    ("nchw", "cr", "nrhw"),      # per-sample GEMM written swapped
+    ("nopq", "os", "npqs"),      # per-sample GEMM reading a transposed view
+    ("or", "rnpq", "nopq"),      # per-sample GEMM over a strided (non-contiguous) view
+    ("bnik", "bkj", "bnji"),     # shared batch b, then one-sided n, then swapped output
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_pair_kernel_layouts_match_numpy(a_idx, b_idx, out_idx, dtype, rng):
     from lotus_rt.kernels import contract
-    sizes = dict(zip("abcijkmnpqrxyz", rng.integers(2, 6, 14).tolist()))
+    sizes = dict(zip("abchijkmnopqrswxyz", rng.integers(2, 6, 18).tolist()))
     a = rng.standard_normal([sizes[i] for i in a_idx]).astype(dtype)
     b = rng.standard_normal([sizes[i] for i in b_idx]).astype(dtype)
     spec = contract.pair_spec(a_idx, b_idx, out_idx)
