@@ -25,6 +25,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+
 from lotus_rt.kernels import contract as contract_kernels
 from lotus_rt.kernels import conv as conv_kernels
 

@@ -32,7 +32,6 @@ freed when the State is released or garbage-collected.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
