@@ -118,10 +118,7 @@ class State:
         """Free the intermediates and unregister the kept operands (idempotent)."""
         tiles, self.tiles = self.tiles, []
         handles, self.handles = self.handles, []
-        for tile in tiles:
-            for kept in (tile.pre, tile.main):
-                if kept is not None:
-                    kept.release()
+        _release_tiles(tiles)
         for handle in handles:
             handle.unregister()
 
@@ -266,16 +263,25 @@ def _forward_tile(rt: Runtime, registry: _Registry, program: Program, x: np.ndar
     return TileState(start, stop, saved_pre, saved_main, unfold_input_shape)
 
 
-def _abandon(rt: Runtime, kept: list[TileState]) -> None:
-    """After a failed submit or run: let what was submitted finish, then free the tiles' state."""
+def _release_tiles(tiles: Sequence[TileState]) -> None:
+    """Free the intermediates the tiles' kept forwards hold."""
+    for tile in tiles:
+        for kept in (tile.pre, tile.main):
+            if kept is not None:
+                kept.release()
+
+
+def _let_submitted_finish(rt: Runtime) -> None:
+    """After a failed submit or run: wait for what was submitted, before its data is released."""
     try:
         rt.wait()
     except Exception:  # the failure being raised already says what went wrong
         pass
-    for tile in kept:
-        for saved in (tile.pre, tile.main):
-            if saved is not None:
-                saved.release()
+
+
+def _abandon(rt: Runtime, kept: list[TileState]) -> None:
+    _let_submitted_finish(rt)
+    _release_tiles(kept)
 
 
 def _fused_kwargs(program: Program, shapes: Sequence[tuple[int, ...]]) -> dict[str, Any]:
@@ -321,13 +327,12 @@ def _fused_backward(state: FusedState, grad: np.ndarray, needs: list[bool]) -> l
 def backward(program: Program, state: State | FusedState, grad: np.ndarray,
              needs: Sequence[bool]) -> list[np.ndarray | None]:
     """Gradients for (x, *params) where ``needs`` is True (None elsewhere), as tasks."""
-    if isinstance(state, FusedState):
-        n_params = len(state.kwargs["shapes"])
-        return _fused_backward(state, grad, list(needs) + [False] * (1 + n_params - len(needs)))
-    if not state.tiles:
-        raise RuntimeError("backward: this layer's forward state was already released")
     n_params = program.n_pre + program.n_main + int(program.bias)
     needs = list(needs) + [False] * (1 + n_params - len(needs))
+    if isinstance(state, FusedState):
+        return _fused_backward(state, grad, needs)
+    if not state.tiles:
+        raise RuntimeError("backward: this layer's forward state was already released")
     pre_wanted = program.pre is not None and (needs[0] or any(needs[1:1 + program.n_pre]))
     input_wanted = needs[0] or pre_wanted
     rt = state.runtime
@@ -348,10 +353,7 @@ def backward(program: Program, state: State | FusedState, grad: np.ndarray,
             sum_tree(rt, [Slot(h) for h in handles], priority=0)
         rt.wait()
     except BaseException:
-        try:
-            rt.wait()
-        except Exception:
-            pass
+        _let_submitted_finish(rt)
         raise
     finally:
         registry.unregister_all()
