@@ -22,6 +22,13 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def columns_shape(x_shape: tuple[int, ...], kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> tuple[int, ...]:
+    """The shape of ``unfold``'s columns for an (n, c, h, w) input: (c, kh, kw, n, ho, wo)."""
+    n, c, h, w = x_shape
+    return (c,) + tuple(kernel) + (n,) + tuple(output_size(size, k, s, p, d) for size, k, s, p, d in
+                                               zip((h, w), kernel, stride, padding, dilation))
+
+
 def _windows(kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair):
     (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
     for i in range(kh):

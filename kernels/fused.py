@@ -90,17 +90,9 @@ def _conv_kwargs(geometry: tuple | None) -> dict | None:
 
 
 def _unfold(xp: Any, h: Any, conv_kwargs: dict) -> Any:
-    n, c, height, width = h.shape
-    kh, kw = conv_kwargs["kernel"]
-    ho = conv_kernels.output_size(height, kh, conv_kwargs["stride"][0], conv_kwargs["padding"][0], conv_kwargs["dilation"][0])
-    wo = conv_kernels.output_size(width, kw, conv_kwargs["stride"][1], conv_kwargs["padding"][1], conv_kwargs["dilation"][1])
-    cols = xp.empty((c, kh, kw, n, ho, wo), h.dtype)
+    cols = xp.empty(conv_kernels.columns_shape(h.shape, **conv_kwargs), h.dtype)
     conv_kernels._unfold(xp, h, cols, **conv_kwargs)
     return cols
-
-
-def _bias_shape(y_shape: Shape, axis: int, span: int) -> list[int]:
-    return [1] * axis + list(y_shape[axis:axis + span]) + [1] * (len(y_shape) - axis - span)
 
 
 def _forward(xp: Any, x: Any, params: list[Any], pre: str | None, n_pre: int, main: str, n_main: int,
@@ -114,10 +106,9 @@ def _forward(xp: Any, x: Any, params: list[Any], pre: str | None, n_pre: int, ma
 def _run_forward(xp: Any, x, packed, y, *, shapes, pre, n_pre, main, n_main, conv, bias_axis, bias_span):
     conv_kwargs = _conv_kwargs(conv)
     params = unpack(packed, shapes)
-    _, _, out = _forward(xp, x, params, pre, n_pre, main, n_main, conv_kwargs)
+    y[...] = _forward(xp, x, params, pre, n_pre, main, n_main, conv_kwargs)[2]
     if len(params) > n_pre + n_main:
-        out = out + params[-1].reshape(_bias_shape(out.shape, bias_axis, bias_span))
-    y[...] = out
+        conv_kernels.bias_add_cpu(params[-1], y, axis=bias_axis, span=bias_span)  # NumPy or CuPy alike
 
 
 def _run_backward(xp: Any, x, packed, grad, dx, dpacked, *, shapes, needs, pre, n_pre, main, n_main,
@@ -131,8 +122,7 @@ def _run_backward(xp: Any, x, packed, grad, dx, dpacked, *, shapes, needs, pre, 
         if needs[1 + n_pre + k]:
             grads[n_pre + k][...] = operand_gradient(xp, main, main_ops, k + 1, grad)
     if len(params) > n_pre + n_main and needs[-1]:
-        axes = tuple(a for a in range(grad.ndim) if not bias_axis <= a < bias_axis + bias_span)
-        grads[-1][...] = grad.sum(axis=axes).reshape(grads[-1].shape)
+        conv_kernels.bias_grad_cpu(grad, grads[-1], axis=bias_axis, span=bias_span)  # NumPy or CuPy alike
     if not (needs[0] or any(needs[1:1 + n_pre])):
         return
     g = operand_gradient(xp, main, main_ops, 0, grad)

@@ -157,8 +157,8 @@ def batch_tiles(n: int, flops: float, nworkers: int, rows: int | None = None) ->
 
 def unfolded_shape(shape: tuple[int, ...], geometry: ConvGeometry) -> tuple[int, ...]:
     """The shape of ``unfold``'s columns for an (n, c, h, w) input: (c, kh, kw, n, ho, wo)."""
-    n, c, h, w = shape
-    return (c,) + geometry.kernel + (n,) + geometry.output_hw(h, w)
+    geometry.output_hw(shape[2], shape[3])  # a clear error when the input is too small
+    return conv_kernels.columns_shape(shape, **geometry.kwargs())
 
 
 def _plans(program: Program, x_shape: tuple[int, ...], param_shapes: Sequence[tuple[int, ...]],
