@@ -4,13 +4,12 @@ trace (validated against the trace-event format) or a Gantt PNG; bad values are 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT, describe, starpu_skip_reason
+from conftest import describe, run_python, starpu_skip_reason
 from lotus_rt import config, perfmodels
 
 SKIP_REASON = starpu_skip_reason()
@@ -33,10 +32,9 @@ print("TASKS", sum(s.tasks for s in rt.stats()))
 
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, **(env or {}))
-    full_env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "lotus_rt.cli", *args], env=full_env, cwd=str(REPO_ROOT),
-                          capture_output=True, text=True, timeout=timeout)
+    """``lotus-rt ARGS`` in a subprocess (conftest's run_python: repository importable)."""
+    return run_python("import sys; from lotus_rt.cli import main; sys.exit(main(sys.argv[1:]))",
+                      env, timeout=timeout, args=args)
 
 
 def _tasks_run(proc: subprocess.CompletedProcess) -> int:
@@ -90,8 +88,7 @@ def test_trace_file_settings():
 @pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 def test_info_reports_runtime_models_and_every_setting(tmp_path):
     home = {"STARPU_HOME": str(tmp_path), "STARPU_SCHED": "dmda", "LOTUS_TILE": "16"}
-    run = subprocess.run([sys.executable, "-c", PROGRAM], env=dict(os.environ, **home,
-                         PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=120)
+    run = run_python(PROGRAM, home, timeout=120)
     assert run.returncode == 0, describe(run)
     proc = _cli("info", env=home)
     assert proc.returncode == 0, describe(proc)
