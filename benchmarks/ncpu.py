@@ -50,22 +50,16 @@ def plot(result: dict, path) -> None:
                            f"{env['cpu_count']} cores ({env['date']}, {env['hostname']})")
 
 
+DEFAULTS = worker.SweepDefaults(size=(1536, 256), tile=(256, 64), repeats=(7, 3), passes=(3, 1), timeout=180.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("ncpu", __doc__.splitlines()[0])
     p.add_argument("--max-ncpu", type=int, default=os.cpu_count() or 1,
                    help="largest STARPU_NCPU (default: os.cpu_count())")
     p.add_argument("--policy", type=str, default=None,
                    help="STARPU_SCHED for every run (default: the environment's, else StarPU's default)")
-    p.add_argument("--size", type=int, default=None, help="GEMM size (default 1536; 256 with --quick)")
-    p.add_argument("--tile", type=int, default=None, help="GEMM tile (default 256; 64 with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="TT batch (default 512; 32 with --quick)")
-    p.add_argument("--rank", type=int, default=None, help="TT rank (default 16; 4 with --quick)")
-    p.add_argument("--tt-tile", type=int, default=None, help="TT einsum tile (default 32; 8 with --quick)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
-    p.add_argument("--passes", type=int, default=None,
-                   help="passes over the settings, in alternating order, samples "
-                        "pooled per setting (default 3; 1 with --quick)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per process")
+    worker.add_sweep_arguments(p, DEFAULTS)
     args = p.parse_args(argv)
     q = args.quick
 
@@ -73,15 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if not starpu.available():
         print("ncpu: the StarPU binding is unavailable; this scenario needs StarPU", file=sys.stderr)
         return 2
-    spec = {"gemm": {"size": args.size or (256 if q else 1536), "tile": args.tile or (64 if q else 256)},
-            "tt": {"batch": args.batch or (32 if q else 512), "rank": args.rank or (4 if q else 16),
-                   "tile": args.tt_tile or (8 if q else 32)},
-            "repeats": args.repeats or (3 if q else 7), "warmup": 1 if q else 2, "blas_threads": 1}
+    spec, passes = worker.sweep_spec(args, DEFAULTS)
     extra = {"STARPU_SCHED": args.policy} if args.policy else {}
     counts = list(range(1, max(1, args.max_ncpu) + 1))
 
     print(f"ncpu: STARPU_NCPU = {counts[0]}..{counts[-1]}; one process each")
-    passes = args.passes or (1 if q else 3)
     runs = worker.sweep([(f"ncpu={n}", {"STARPU_NCPU": str(n), **extra}) for n in counts], spec,
                         args.timeout, passes=passes)
     summary = worker.speedup_rows(runs, "ncpu=1")

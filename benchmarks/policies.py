@@ -75,20 +75,14 @@ def plot(result: dict, path) -> None:
                            f"{len(env['workers'] or [])} CPU workers ({env['date']}, {env['hostname']})")
 
 
+DEFAULTS = worker.SweepDefaults(size=(1024, 256), tile=(128, 64), repeats=(5, 2), passes=(2, 1), timeout=120.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("policies", __doc__.splitlines()[0])
     p.add_argument("--policies", type=str, default=None,
                    help=f"comma-separated subset (default: all; {','.join(QUICK_POLICIES)} with --quick)")
-    p.add_argument("--size", type=int, default=None, help="GEMM size (default 1024; 256 with --quick)")
-    p.add_argument("--tile", type=int, default=None, help="GEMM tile (default 128; 64 with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="TT batch (default 512; 32 with --quick)")
-    p.add_argument("--rank", type=int, default=None, help="TT rank (default 16; 4 with --quick)")
-    p.add_argument("--tt-tile", type=int, default=None, help="TT einsum tile (default 32; 8 with --quick)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; 2 with --quick)")
-    p.add_argument("--passes", type=int, default=None,
-                   help="passes over the settings, in alternating order, samples "
-                        "pooled per setting (default 2; 1 with --quick)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per policy process")
+    worker.add_sweep_arguments(p, DEFAULTS)
     args = p.parse_args(argv)
     q = args.quick
 
@@ -98,13 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     requested = args.policies.split(",") if args.policies else (list(QUICK_POLICIES) if q else None)
     policies, skipped = policy_lists(requested)
-    spec = {"gemm": {"size": args.size or (256 if q else 1024), "tile": args.tile or (64 if q else 128)},
-            "tt": {"batch": args.batch or (32 if q else 512), "rank": args.rank or (4 if q else 16),
-                   "tile": args.tt_tile or (8 if q else 32)},
-            "repeats": args.repeats or (2 if q else 5), "warmup": 1 if q else 2, "blas_threads": 1}
+    spec, passes = worker.sweep_spec(args, DEFAULTS)
 
     print(f"policies: {len(policies)} to run, {len(skipped)} refused; one process each")
-    passes = args.passes or (1 if q else 2)
     runs = worker.sweep([(p_, {"STARPU_SCHED": p_}) for p_ in policies], spec, args.timeout,
                         calibrate={"STARPU_SCHED": CALIBRATION_POLICY}, passes=passes)
     for s in skipped:

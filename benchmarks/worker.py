@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -29,6 +30,44 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import common  # noqa: E402
 
 MARKER = "BENCH_RESULT "
+
+
+@dataclass(frozen=True)
+class SweepDefaults:
+    """A sweep scenario's defaults, each (full run, --quick)."""
+
+    size: tuple[int, int]
+    tile: tuple[int, int]
+    repeats: tuple[int, int]
+    passes: tuple[int, int]
+    timeout: float
+    batch: tuple[int, int] = (512, 32)
+    rank: tuple[int, int] = (16, 4)
+    tt_tile: tuple[int, int] = (32, 8)
+
+
+def add_sweep_arguments(p, d: SweepDefaults) -> None:
+    """The workload and repetition options every process-per-setting sweep takes."""
+    def option(flag: str, pair: tuple[int, int], what: str) -> None:
+        p.add_argument(flag, type=int, default=None, help=f"{what} (default {pair[0]}; {pair[1]} with --quick)")
+    option("--size", d.size, "GEMM size")
+    option("--tile", d.tile, "GEMM tile")
+    option("--batch", d.batch, "TT batch")
+    option("--rank", d.rank, "TT rank")
+    option("--tt-tile", d.tt_tile, "TT einsum tile")
+    option("--repeats", d.repeats, "timed rounds")
+    option("--passes", d.passes, "passes over the settings, in alternating order, samples pooled per setting")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds allowed per process")
+
+
+def sweep_spec(args, d: SweepDefaults) -> tuple[dict[str, Any], int]:
+    """(the workers' spec, the number of passes) from parsed ``add_sweep_arguments`` options."""
+    q = int(bool(args.quick))
+    spec = {"gemm": {"size": args.size or d.size[q], "tile": args.tile or d.tile[q]},
+            "tt": {"batch": args.batch or d.batch[q], "rank": args.rank or d.rank[q],
+                   "tile": args.tt_tile or d.tt_tile[q]},
+            "repeats": args.repeats or d.repeats[q], "warmup": 1 if q else 2, "blas_threads": 1}
+    return spec, args.passes or d.passes[q]
 
 
 class WorkerFailed(RuntimeError):
