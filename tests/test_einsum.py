@@ -734,3 +734,60 @@ def test_pair_kernel_layouts_match_numpy(a_idx, b_idx, out_idx, dtype, rng):
     reference = np.einsum(f"{a_idx},{b_idx}->{out_idx}", a.astype(np.float64), b.astype(np.float64))
     tol = 1e-5 if dtype == np.float32 else 1e-12
     assert np.allclose(out, reference, rtol=tol, atol=tol)
+
+
+def _strided(rng, shape, dtype, kind):
+    """A fresh random array of ``shape`` stored in an unusual way (``kind``), as kernels meet it."""
+    if kind == "contiguous":
+        return rng.standard_normal(shape).astype(dtype)
+    if kind == "reversed":  # stored with its axes in reverse order (a transposed view)
+        return np.ascontiguousarray(rng.standard_normal(shape[::-1]).astype(dtype).transpose())
+    if kind == "reversed_view":
+        return rng.standard_normal(shape[::-1]).astype(dtype).transpose()
+    # "sliced": every other row of a taller array, as a batch tile reads a slab
+    return rng.standard_normal((2 * shape[0],) + tuple(shape[1:])).astype(dtype)[::2]
+
+
+@pytest.mark.parametrize("a_idx, b_idx, out_idx", [
+    ("nopq", "npqs", "os"),      # weight gradient: samples summed after per-sample GEMMs
+    ("nchw", "cr", "nrhw"),      # 1x1 conv on NCHW: per-sample GEMMs, no copy
+    ("os", "npqs", "nopq"),
+    ("rnpq", "rij", "rijnpq"),   # nothing contracted: an outer product
+    ("ab", "b", "a"),            # matrix-vector
+    ("a", "ab", "b"),            # vector-matrix
+    ("ia", "ja", "ij"),
+    ("zab", "bca", "zc"),
+    ("xyk", "kz", "zxy"),
+])
+@pytest.mark.parametrize("kind", ["reversed_view", "sliced"])
+def test_pair_kernel_strided_operands_match_numpy(a_idx, b_idx, out_idx, kind, rng):
+    """The layout search works on the arrays' real strides: views that are neither contiguous
+    nor transposed-contiguous still give einsum's result (a copy where a view cannot be BLAS'd)."""
+    from lotus_rt.kernels import contract
+    sizes = dict(zip("abchijkmnopqrswxyz", rng.integers(2, 6, 18).tolist()))
+    a = _strided(rng, [sizes[i] for i in a_idx], np.float32, kind)
+    b = _strided(rng, [sizes[i] for i in b_idx], np.float32, "contiguous")
+    out = _strided(rng, [sizes[i] for i in out_idx], np.float32, kind)
+    contract.pair_cpu(a, b, out, spec=contract.pair_spec(a_idx, b_idx, out_idx))
+    reference = np.einsum(f"{a_idx},{b_idx}->{out_idx}", a.astype(np.float64), b.astype(np.float64))
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation, copies", [
+    ("nchw,cr->nrhw", False),    # the layers' 1x1 pieces on NCHW activations: per-sample GEMMs
+    ("or,rnpq->nopq", False),
+    ("nopq,or->rnpq", False),
+    ("nopq,rnpq->or", False),    # weight gradient: sum over samples of per-sample GEMMs
+    ("rijnpq,srij->npqs", False),  # the unfolded core convolution: one GEMM on transposed views
+    ("nopq,npqs->os", False),
+])
+def test_layout_search_avoids_copies_on_layer_shapes(equation, copies):
+    """At the benchmark's sizes the layers' contractions run on their C-contiguous operands
+    without any copy (at tiny sizes a copy can be cheaper than many small GEMMs)."""
+    from lotus_rt.kernels import gemm_layout
+    (a_idx, b_idx), out_idx = equation.split("->")[0].split(","), equation.split("->")[1]
+    sizes = dict(n=16, c=64, h=16, w=16, r=16, o=128, p=16, q=16, s=32, i=3, j=3)
+    arrays = [np.empty([sizes[i] for i in idx], np.float32) for idx in (a_idx, b_idx, out_idx)]
+    layout = gemm_layout.find_layout(a_idx, b_idx, out_idx, *(x for arr in arrays for x in (arr.shape, arr.strides)),
+                                     item=4)
+    assert (layout.p.copy or layout.q.copy or layout.out_groups is None) == copies, layout
