@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lotus_rt.kernels import gemm_layout
+from lotus_rt.kernels import gemm_layout, precision
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,13 @@ def _pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, a_slice, b_slice, o
     if layout.out_groups is not None:
         view = gemm_layout.strided_view(xp, out, layout.out_groups, output=True)
         if summed:
-            xp.sum(xp.matmul(*product), axis=summed, out=view)
+            xp.sum(precision.matmul(xp, *product), axis=summed, out=view)
         elif product[0].shape[-1] == 1:  # nothing contracted: an outer product, at memory speed
             xp.multiply(*product, out=view)
         else:
-            xp.matmul(*product, out=view)
+            precision.matmul(xp, *product, out=view)
         return
-    result = xp.matmul(*product)
+    result = precision.matmul(xp, *product)
     if summed:
         result = result.sum(axis=summed)
     order = [i for k, i in enumerate(layout.result_order) if not layout.nstack <= k < layout.nstack + layout.nkouter]

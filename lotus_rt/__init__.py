@@ -9,7 +9,33 @@ See ``lotus_rt.runtime`` for the task API; ``stats()`` and ``trace()`` observe w
 """
 from __future__ import annotations
 
-from lotus_rt.errors import CodeletError, ConfigError, LotusError, StarPUUnavailable
+
+def _kernels_from_source_checkout() -> None:
+    """Make ``lotus_rt.kernels`` importable from an uninstalled source checkout.
+
+    setup.py installs the top-level ``kernels/`` folder as ``lotus_rt.kernels``; a checkout that
+    is only on PYTHONPATH (the GPU machines, which cannot pip-install) has no such package, so
+    the folder next to this one is loaded under that name.
+    """
+    import importlib.util
+    import pathlib
+    import sys
+    if "lotus_rt.kernels" in sys.modules or importlib.util.find_spec("lotus_rt.kernels") is not None:
+        return
+    folder = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location("lotus_rt.kernels", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lotus_rt.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module  # what the import system does for a found submodule
+
+
+_kernels_from_source_checkout()
+
+from lotus_rt.errors import CodeletError, ConfigError, LotusError, StarPUUnavailable  # noqa: E402
 from lotus_rt.runtime import Runtime, TaskRecord, WorkerStats, runtime, shutdown
 
 __version__ = "0.1.0"

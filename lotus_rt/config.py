@@ -17,6 +17,9 @@ from lotus_rt.errors import ConfigError
 
 ENGINES = ("starpu", "inline")
 FUSE_MODES = ("auto", "on", "off")
+# GEMM precision of the GPU bodies (kernels/precision.py); "auto": tf32 on GPUs with Tensor Cores
+# (compute capability >= 8.0), else fp32. CPU bodies always compute in the operands' dtype.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
             "0": False, "false": False, "no": False, "off": False}
 
@@ -47,6 +50,7 @@ class Settings:
     idle_pause: bool = True
     trace_file: str | None = None  # written at shutdown: .json (Chrome trace) or .png (Gantt)
     fuse: str = "auto"  # small layers as one forward and one backward task: auto, on, off
+    precision: str = "auto"  # GPU GEMMs of float32 data: auto or one of PRECISIONS
 
 
 TRACE_FILE_SUFFIXES = (".json", ".png")
@@ -86,6 +90,12 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def read_precision(env: Mapping[str, str] | None = None) -> str:
+    """LOTUS_PRECISION: "auto" (also when unset) or one of PRECISIONS; ConfigError otherwise."""
+    env = os.environ if env is None else env
+    return _choice(env, "LOTUS_PRECISION", ("auto",) + PRECISIONS) or Settings.precision
+
+
 def read_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Parse every LOTUS_* variable; raise ConfigError naming the variable on a bad value."""
     env = os.environ if env is None else env
@@ -106,6 +116,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         idle_pause=True if idle_pause is None else BOOLEANS[idle_pause],
         trace_file=_trace_file(env),
         fuse=_choice(env, "LOTUS_FUSE", FUSE_MODES) or Settings.fuse,
+        precision=read_precision(env),
     )
 
 
@@ -166,5 +177,7 @@ def lotus_env_report(settings: Settings, env: Mapping[str, str] | None = None) -
         "LOTUS_TILE": str(settings.tile) if settings.tile else "auto",
         "LOTUS_IDLE_PAUSE": "on" if settings.idle_pause else "off",
         "LOTUS_FUSE": settings.fuse,
+        "LOTUS_PRECISION": settings.precision if settings.precision != "auto" else
+        "auto (GPU GEMMs: tf32 with compute capability >= 8.0, else fp32)",
     }
     return {name: value + ("" if name in env else " (default)") for name, value in in_force.items()}

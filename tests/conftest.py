@@ -11,9 +11,14 @@ Fixtures:
     starpu_rt   the process-wide StarPU runtime only.
     inline_rt   a fresh inline runtime only.
     run_py      runs Python code in a subprocess with a chosen environment.
+
+Markers: ``gpu`` (tests/test_gpu.py) needs CuPy, a GPU and a CUDA-enabled StarPU;
+``gpu_skip_reason()`` says why such a test is skipped here.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -53,6 +58,39 @@ def starpu_skip_reason() -> str | None:
         return "StarPU binding unavailable"
     if os.environ.get("LOTUS_ENGINE", "").strip().lower() == "inline":
         return "LOTUS_ENGINE=inline is set for this test run: the process-wide runtime is not StarPU"
+    return None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CuPy, a CUDA GPU and a StarPU with a CUDA worker "
+                                       "(skipped with the reason elsewhere)")
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_skip_reason() -> str | None:
+    """Why the GPU tests cannot run here (no CuPy, no GPU, no CUDA StarPU worker), or None.
+
+    Whether StarPU starts a CUDA worker is asked of a subprocess (StarPU reads STARPU_NCUDA at
+    init, and this process's runtime may already be running)."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed: the GPU codelet bodies need it (pip install -e .[gpu])"
+    try:
+        import cupy
+        ndevices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - CuPy without a driver raises CUDA errors of its own
+        return f"CuPy cannot reach a GPU: {type(exc).__name__}: {exc}"
+    if ndevices < 1:
+        return "CuPy sees no CUDA device"
+    reason = starpu_skip_reason()
+    if reason:
+        return reason
+    if not lotus_rt.starpu.built_with_cuda():
+        return ("the StarPU binding was built against a StarPU without CUDA support "
+                "(README, 'GPU machines': build one and rebuild the binding)")
+    proc = run_python("import lotus_rt; print('NCUDA', sum(k == 'cuda' for k, _ in lotus_rt.runtime().workers))",
+                      env={"STARPU_NCPU": "1", "STARPU_NCUDA": "1", "LOTUS_ENGINE": "starpu"}, timeout=120)
+    if proc.returncode != 0 or "NCUDA 1" not in proc.stdout:
+        return f"StarPU started no CUDA worker with STARPU_NCUDA=1: {describe(proc)[-800:]}"
     return None
 
 

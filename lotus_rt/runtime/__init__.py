@@ -29,7 +29,7 @@ from lotus_rt import config
 from lotus_rt.errors import StarPUUnavailable
 from lotus_rt.runtime.core import (Codelet, ErrorLog, Future, Handle, Task, TaskRecord, WorkerStats,
                                    check_priority, parse_accesses, raise_collected, task_name,
-                                   validate_array)
+                                   validate_array, validate_cuda_array)
 from lotus_rt.runtime.inline import InlineEngine
 
 __all__ = ["Runtime", "runtime", "shutdown", "Codelet", "Handle", "Future", "WorkerStats", "TaskRecord"]
@@ -87,11 +87,30 @@ class Runtime:
 
     # ------------------------------------------------------------------ data
 
-    def register(self, array: np.ndarray) -> Handle:
-        """Register a C-contiguous NumPy array (zero copy); the array stays the data's home."""
+    def register(self, array: Any) -> Handle:
+        """Register a C-contiguous NumPy array (zero copy); the array stays the data's home.
+
+        An array already in CUDA device memory (any object with ``__cuda_array_interface__``:
+        a CuPy array, a torch CUDA tensor) is registered on that device's memory node, also
+        without a copy; ``unregister()`` leaves the results there. It needs a runtime with a
+        CUDA worker on that device (not yet run on a GPU).
+        """
         self._check_open()
+        if not isinstance(array, np.ndarray) and hasattr(array, "__cuda_array_interface__"):
+            return self._register_cuda(array)
         array = validate_array(array)
         handle = Handle(self, array, self._engine.register(array))
+        self._live.add(handle)
+        return handle
+
+    def _register_cuda(self, obj: Any) -> Handle:
+        device = validate_cuda_array(obj)
+        if not self._has_cuda:
+            kinds = sorted({kind for kind, _ in self.workers})
+            raise ValueError(f"register(): this {type(obj).__name__} lives in CUDA device memory, but the "
+                             f"runtime has no CUDA worker (engine {self.engine!r}, workers {kinds}); register "
+                             "a host copy instead, or run a CUDA-enabled StarPU with STARPU_NCUDA >= 1")
+        handle = Handle(self, device, self._engine.register_cuda(device))
         self._live.add(handle)
         return handle
 

@@ -49,18 +49,21 @@ class Handle:
 
     A registered NumPy array (zero copy: the array is the data's home): read it through
     ``with handle.acquire("R"):`` or after ``handle.unregister()``, which waits for the tasks
-    using it and leaves the data in the array. Or a temporary (``runtime.temporary``): the
-    engine allocates it where it is first written; ``unregister_submit()`` frees it once the
-    tasks already submitted on it are done, without waiting.
+    using it and leaves the data in the array. An array in CUDA device memory (``device`` is
+    its :class:`CudaArray`; ``array`` the object registered): the same, except that it is read
+    only after ``unregister()``. Or a temporary (``runtime.temporary``): the engine allocates
+    it where it is first written; ``unregister_submit()`` frees it once the tasks already
+    submitted on it are done, without waiting.
     """
 
-    __slots__ = ("_runtime", "array", "shape", "dtype", "nbytes", "key", "temporary", "_ref",
+    __slots__ = ("_runtime", "array", "device", "shape", "dtype", "nbytes", "key", "temporary", "_ref",
                  "_registered", "__weakref__")
 
-    def __init__(self, runtime: Any, array: np.ndarray | None, ref: Any,
+    def __init__(self, runtime: Any, array: "np.ndarray | CudaArray | None", ref: Any,
                  shape: tuple[int, ...] | None = None, dtype: Any = None):
         self._runtime = runtime
-        self.array = array
+        self.device = array if isinstance(array, CudaArray) else None
+        self.array = array.obj if self.device is not None else array
         self.temporary = shape is not None
         self.shape = tuple(shape) if self.temporary else array.shape
         self.dtype = np.dtype(dtype) if self.temporary else array.dtype
@@ -75,10 +78,13 @@ class Handle:
 
     @property
     def writeable(self) -> bool:
+        if self.device is not None:
+            return self.device.writeable
         return self.temporary or self.array.flags.writeable
 
-    def unregister(self) -> np.ndarray | None:
-        """Wait for the tasks using this data, bring it home, and forget the handle."""
+    def unregister(self) -> Any:
+        """Wait for the tasks using this data, bring it home, and forget the handle; returns the
+        registered array (None for a temporary)."""
         if self._registered:
             self._runtime._unregister(self)  # raises, leaving the handle registered, inside a task
             self._registered = False
@@ -99,6 +105,9 @@ class Handle:
             raise ValueError(f"acquire mode must be 'R' or 'RW', got {mode!r}")
         if self.temporary:
             raise ValueError("a temporary has no home array to acquire; register an array instead")
+        if self.device is not None:
+            raise ValueError("acquire() is for host arrays; data registered in CUDA device memory is "
+                             "read after unregister(), which leaves the results in that memory")
         if not self._registered:
             raise RuntimeError("cannot acquire an unregistered handle")
         return _Acquired(self, mode)
@@ -274,6 +283,57 @@ def validate_array(array: Any) -> np.ndarray:
     if not array.dtype.isnative:
         raise TypeError(f"register(): dtype {array.dtype} is not in native byte order")
     return array
+
+
+class CudaArray:
+    """An array in CUDA device memory as its ``__cuda_array_interface__`` describes it.
+
+    ``obj`` (a CuPy array, a torch CUDA tensor, ...) is kept referenced so that the memory
+    outlives the registration; ``stream`` is the producer's stream to synchronise with before
+    StarPU reads the data (0: none given).
+    """
+
+    __slots__ = ("obj", "ptr", "shape", "dtype", "size", "itemsize", "nbytes", "writeable", "stream")
+
+    def __init__(self, obj: Any, ptr: int, shape: tuple[int, ...], dtype: np.dtype, writeable: bool, stream: int):
+        self.obj, self.ptr, self.shape, self.dtype = obj, ptr, shape, dtype
+        self.size = int(np.prod(shape, dtype=np.int64))
+        self.itemsize = dtype.itemsize
+        self.nbytes = self.size * dtype.itemsize
+        self.writeable, self.stream = writeable, stream
+
+
+def validate_cuda_array(obj: Any) -> CudaArray:
+    """Check that an object exposing ``__cuda_array_interface__`` can be registered zero-copy
+    (C-contiguous, non-empty, a supported dtype); raise a ValueError/TypeError naming why."""
+    what = type(obj).__name__
+    iface = obj.__cuda_array_interface__
+    if not isinstance(iface, dict) or not {"shape", "typestr", "data"} <= iface.keys():
+        raise TypeError(f"register(): {what}.__cuda_array_interface__ is not a CUDA array interface "
+                        "dict with shape, typestr and data")
+    if iface.get("mask") is not None:
+        raise ValueError(f"register(): {what} is a masked CUDA array; masks are not supported")
+    shape = tuple(int(d) for d in iface["shape"])
+    try:
+        dtype = np.dtype(iface["typestr"])
+    except TypeError:
+        raise TypeError(f"register(): {what} has typestr {iface['typestr']!r}, which is not a dtype") from None
+    if dtype.hasobject or dtype.kind not in "biufc" or not dtype.isnative:
+        raise TypeError(f"register(): dtype {dtype} of {what} is not supported; use a native-endian "
+                        "boolean, integer, floating or complex dtype")
+    if int(np.prod(shape, dtype=np.int64)) == 0:
+        raise ValueError(f"register(): cannot register an empty array (shape {shape})")
+    strides = iface.get("strides")
+    if strides is not None:
+        expected = [dtype.itemsize] * len(shape)
+        for k in range(len(shape) - 2, -1, -1):
+            expected[k] = expected[k + 1] * shape[k + 1]
+        if any(n > 1 and int(s) != e for n, s, e in zip(shape, strides, expected)):
+            raise ValueError(f"register() needs a C-contiguous array (zero-copy registration); {what} "
+                             f"has strides {tuple(strides)}: make it contiguous first")
+    ptr, readonly = iface["data"]
+    stream = iface.get("stream")
+    return CudaArray(obj, int(ptr), shape, dtype, not readonly, int(stream) if stream else 0)
 
 
 def parse_accesses(accesses: tuple[Any, ...], runtime: Any) -> tuple[tuple[Handle, ...], tuple[str, ...]]:

@@ -1,9 +1,10 @@
 """The ``starpu`` engine: tasks go to real StarPU through lotus_rt's cffi binding.
 
 State and algorithm. StarPU owns scheduling, data coherency and dependencies: arrays are
-registered with the vector interface (zero copy, the NumPy array is the home copy) and every
-task is submitted with StarPU's implicit sequential consistency, so read/write orderings follow
-submission order. Python keeps only:
+registered with the vector interface (zero copy, the NumPy array is the home copy; an array
+already in CUDA memory gets its GPU's memory node as home) and every task is submitted with
+StarPU's implicit sequential consistency, so read/write orderings follow submission order.
+Python keeps only:
 
 - ``_pending``: task id -> Task, filled before ``starpu_task_submit`` and popped by the worker
   that runs the task (``lotus_py_exec``, entered with the GIL taken by cffi). The worker builds
@@ -36,7 +37,7 @@ import numpy as np
 from lotus_rt import config
 from lotus_rt.config import Settings
 from lotus_rt.errors import StarPUUnavailable
-from lotus_rt.runtime.core import ErrorLog, Task, TaskRecord, WorkerStats, footprint, run_body
+from lotus_rt.runtime.core import CudaArray, ErrorLog, Task, TaskRecord, WorkerStats, footprint, run_body
 from lotus_rt.starpu import load, policies, version
 
 KINDS = {0: "cpu", 1: "cuda", 2: "other"}
@@ -145,6 +146,21 @@ class StarPUEngine:
             self._lib.lotus_pin(ptr, array.nbytes)
         return self._lib.lotus_register(ptr, array.size, array.itemsize)
 
+    def register_cuda(self, array: CudaArray) -> Any:
+        """Register device memory with the memory node of the CUDA worker driving its device."""
+        if array.size >= 2**32:
+            raise ValueError(f"register(): {array.size} elements exceed StarPU's vector interface limit (2**32)")
+        err = self._ffi.new("int *")
+        ref = self._lib.lotus_register_cuda(self._ffi.cast("void *", array.ptr), array.size, array.itemsize,
+                                            array.stream, err)
+        if ref == self._ffi.NULL:
+            why = {-19: "no CUDA worker of this StarPU drives the device that holds it",
+                   -22: "its pointer is not CUDA device memory (managed and host memory are not accepted)",
+                   -5: "a CUDA call failed (cudaPointerGetAttributes or cudaStreamSynchronize)"}
+            raise ValueError(f"register(): cannot register this {type(array.obj).__name__} on a GPU: "
+                             f"{why.get(err[0], f'error {err[0]}')}")
+        return ref
+
     def register_temporary(self, handle: Any) -> Any:
         nelems = handle.nbytes // handle.dtype.itemsize
         if nelems >= 2**32:
@@ -157,7 +173,7 @@ class StarPUEngine:
     def unregister(self, ref: Any, array: np.ndarray | None) -> None:
         self.start_held_tasks()  # unregistering waits for the tasks on the data
         self._lib.lotus_unregister(ref)
-        if self._pin and array is not None:
+        if self._pin and isinstance(array, np.ndarray):  # not device memory (a CUDA-resident handle)
             self._lib.lotus_unpin(self._ffi.cast("void *", array.ctypes.data), array.nbytes)
 
     def orphan(self, ref: Any, array: np.ndarray) -> None:

@@ -52,6 +52,7 @@ int lotus_max_priority(void);
 
 void *lotus_register(void *ptr, size_t nelems, size_t elemsize);
 void *lotus_register_temporary(size_t nelems, size_t elemsize);
+void *lotus_register_cuda(void *ptr, size_t nelems, size_t elemsize, uintptr_t stream, int *err);
 void lotus_unregister(void *handle);
 void lotus_unregister_submit(void *handle);
 int lotus_acquire(void *handle, int mode);

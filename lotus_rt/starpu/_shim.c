@@ -181,6 +181,42 @@ static void *lotus_register_temporary(size_t nelems, size_t elemsize)
     return handle;
 }
 
+/* Data that already lives in CUDA device memory (a CuPy array, a torch CUDA tensor): its home
+ * is the memory node of the CUDA worker driving the pointer's device, so nothing is copied at
+ * registration and unregistering leaves the results there. `stream` is the producer's stream
+ * from __cuda_array_interface__ (0: none given, 1: legacy default, 2: per-thread default),
+ * synchronised first so that StarPU never reads data still being written. Returns NULL and
+ * sets *err: -ENODEV (no CUDA support compiled in, or no CUDA worker on that device), -EINVAL
+ * (not device memory), -EIO (a CUDA call failed). */
+static void *lotus_register_cuda(void *ptr, size_t nelems, size_t elemsize, uintptr_t stream, int *err)
+{
+#ifdef STARPU_USE_CUDA
+    struct cudaPointerAttributes attr;
+    starpu_data_handle_t handle = NULL;
+    unsigned w, nworkers = starpu_worker_get_count();
+    if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) { *err = -EIO; return NULL; }
+    if (attr.type != cudaMemoryTypeDevice) { *err = -EINVAL; return NULL; }
+    if (stream) {
+        cudaStream_t s = stream == 1 ? cudaStreamLegacy : stream == 2 ? cudaStreamPerThread : (cudaStream_t)stream;
+        if (cudaStreamSynchronize(s) != cudaSuccess) { *err = -EIO; return NULL; }
+    }
+    for (w = 0; w < nworkers; w++) {
+        if (starpu_worker_get_type((int)w) == STARPU_CUDA_WORKER && starpu_worker_get_devid((int)w) == attr.device) {
+            starpu_vector_data_register(&handle, (int)starpu_worker_get_memory_node(w), (uintptr_t)ptr,
+                                        (uint32_t)nelems, elemsize);
+            *err = 0;
+            return handle;
+        }
+    }
+    *err = -ENODEV;
+    return NULL;
+#else
+    (void)ptr; (void)nelems; (void)elemsize; (void)stream;
+    *err = -ENODEV;
+    return NULL;
+#endif
+}
+
 static void lotus_unregister(void *handle) { starpu_data_unregister((starpu_data_handle_t)handle); }
 
 /* Frees the data once the tasks already submitted on it are done; does not block. */
