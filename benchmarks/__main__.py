@@ -30,6 +30,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "policies": ("benchmarks.policies", "every StarPU scheduling policy on a tiled GEMM and a TT einsum"),
     "ncpu": ("benchmarks.ncpu", "STARPU_NCPU = 1..cores: speedup and parallel efficiency"),
     "tiles": ("benchmarks.tiles", "tile-size sweep of a tiled GEMM and a TT einsum vs untiled"),
+    "hetero": ("benchmarks.hetero", "policies x worker mixes (cpu, gpu, hybrid): GEMM DAG, TT and Tucker steps"),
 }
 
 

@@ -74,9 +74,13 @@ class WorkerFailed(RuntimeError):
     """The child exited non-zero, hung, or printed no result."""
 
 
-def run_worker(env: Mapping[str, str], spec: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-    """Run ``spec`` in a child with environment ``env``; its result, or WorkerFailed saying why."""
-    cmd = [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
+def run_worker(env: Mapping[str, str], spec: Mapping[str, Any], timeout: float,
+               module: str = "benchmarks.worker", args: Sequence[str] = ()) -> dict[str, Any]:
+    """Run ``spec`` in a child with environment ``env``; its result, or WorkerFailed saying why.
+
+    The child is ``python -m MODULE *ARGS SPEC_JSON`` (this module by default; a scenario with
+    workloads of its own passes its module and flag) printing one ``BENCH_RESULT`` line."""
+    cmd = [sys.executable, "-m", module, *args, json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, env=dict(env), cwd=str(common.REPO_ROOT), capture_output=True,
                               text=True, timeout=timeout)

@@ -9,7 +9,7 @@ only when it is contiguous in memory, and numpy hands a matrix to BLAS only when
 strides is the item size (numpy's ``is_blasable2d``; otherwise its matmul falls back to a slow
 loop). The candidate whose copies move the fewest bytes wins:
 
-- stack choice: the shared indices plus the first 0, 1, ... of the output's one-sided ones
+- stack choice: the shared indices plus any subset of the output's one-sided ones
   (a per-sample GEMM over a strided activation needs no copy; one big GEMM may need one);
 - which operand gives the rows (a row-major ``out = a b`` or ``out^T = b^T a^T``);
 - the order of the contracted indices (as stored in either operand);
@@ -24,6 +24,7 @@ the same stacked, strided operands.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 # overhead, ~1 µs), so a stack of many tiny GEMMs does not beat one copy of a small operand.
 BYTES_PER_GEMM = 4096
 _CACHE_LIMIT = 4096
+MAX_SUBSET_ITEMS = 6  # 64 stack choices; beyond, only prefixes of the output's order
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,21 @@ def _operand_groups(idx: str, stack: Sequence[str], kouter: Sequence[str], first
             + (tuple(pos(i) for i in first), tuple(pos(i) for i in second)))
 
 
+def _subsets(items: list[str]):
+    """Every subset of ``items`` (at most 2**MAX_SUBSET_ITEMS), else its prefixes."""
+    if len(items) > MAX_SUBSET_ITEMS:
+        return [items[:r] for r in range(len(items) + 1)]
+    return [c for r in range(len(items) + 1) for c in itertools.combinations(items, r)]
+
+
 def _candidates(a_idx: str, b_idx: str, out_idx: str, a_strides, b_strides):
     shared = [i for i in out_idx if i in a_idx and i in b_idx]
     one_sided = [i for i in out_idx if (i in a_idx) != (i in b_idx)]
     contracted = [i for i in a_idx if i in b_idx and i not in out_idx]
     k_orders = {tuple(_storage_order(a_idx, a_strides, contracted)),
                 tuple(_storage_order(b_idx, b_strides, contracted))}
-    for r in range(len(one_sided) + 1):  # stack the first r one-sided indices of the output
-        stack = [i for i in out_idx if i in shared or i in one_sided[:r]]
+    for extra in _subsets(one_sided):
+        stack = [i for i in out_idx if i in shared or i in extra]
         rest = [i for i in out_idx if i not in stack]
         for p_is_a in (True, False):
             p_idx, q_idx = (a_idx, b_idx) if p_is_a else (b_idx, a_idx)

@@ -20,7 +20,9 @@ from conftest import REPO_ROOT, describe, starpu_skip_reason
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 180
 ENV_KEYS = ("starpu_version", "workers", "policy", "date")
-NEEDS_STARPU = {"policies", "ncpu"}   # they vary StarPU settings across processes
+NEEDS_STARPU = {"policies", "ncpu", "hetero"}   # they vary StarPU settings across processes
+# more arguments for a scenario's quick run: hetero traces a CPU run (no hybrid run without a GPU)
+EXTRA_ARGS = {"hetero": ["--gantt", "cpu:dmda"]}
 
 
 def run_benchmarks(args: list[str], tmp_path, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -116,8 +118,46 @@ def check_layers(data: dict) -> None:
         assert case["max_rel_error"] <= 1e-4
 
 
+def check_hetero(data: dict) -> None:
+    cfg = data["config"]
+    assert data["complete"] is True and cfg["policies"] == ["dmda", "eager"]
+    ran = {r["mix"] for r in data["runs"]}
+    skipped = {s["mix"]: s["reason"] for s in data["skipped"] if "mix" in s}
+    assert "cpu" in ran
+    for mix in cfg["mixes"]:   # every mix ran or says why not (no CUDA worker, no GPU for CuPy, ...)
+        assert (mix in ran) != (mix in skipped) and skipped.get(mix, "ran"), (mix, ran, skipped)
+    expected_kinds = {"cpu": {"cpu"}, "gpu": {"cuda"}, "hybrid": {"cpu", "cuda"}}
+    for run in data["runs"]:   # each process ran its own policy and worker mix
+        assert run["status"] == "ok", run
+        assert run["environment"]["policy"] == run["policy"] == run["env"]["STARPU_SCHED"]
+        kinds = {kind for kind, _ in run["environment"]["workers"]}
+        assert kinds == expected_kinds[run["mix"]], (run["mix"], kinds)
+        for w in run["workloads"].values():
+            assert positive(w["time_s"]) and w["max_rel_error"] <= w["tolerance"]
+            assert sum(w["tasks_by_kind"].values()) > 0 and set(w["tasks_by_kind"]) <= kinds
+        gemm = run["workloads"]["gemm"]
+        assert gemm["tasks_per_call"] == gemm["tasks_expected"] == (gemm["params"]["size"] // gemm["params"]["tile"]) ** 3
+    assert {c["mix"] for c in data["calibration"]} == ran and all(c["status"] == "ok" for c in data["calibration"])
+    for ref in (s for s in data["skipped"] if "reference" in s):
+        assert ref["reason"]
+    for kind, best in data["best_single"].items():   # speed-ups are relative to the best single device
+        rows = [r for r in data["summary"] if r["workload"] == kind and r["mix"] != "reference"]
+        assert rows and all(r["median_ms"] > 0 and r["speedup"] > 0 for r in rows)
+        assert max(r["speedup"] for r in rows if r["mix"] in ("cpu", "gpu")) == pytest.approx(1.0)
+        assert best["median_s"] * 1e3 == pytest.approx(min(r["median_ms"] for r in rows if r["mix"] in ("cpu", "gpu")))
+    assert len(data["targets"]) == 3
+    for t in data["targets"]:
+        assert t["status"] in ("met", "missed", "not measured", "not applicable") and t["detail"], t
+    if "gpu" in skipped:
+        assert data["targets"][0]["status"] == "not measured" and data["single_gemm"] is None
+    assert "name" in data["environment"]["gpu"]
+    assert data["gantt"]["run"] == "dmda on cpu"
+    with open(data["gantt"]["png"], "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
 CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_policies,
-          "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers}
+          "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero}
 
 
 def scenario_params():
@@ -134,7 +174,8 @@ def test_scenario_quick_writes_json_and_png(name, tmp_path):
     if name in NEEDS_STARPU and starpu_skip_reason():
         pytest.skip(starpu_skip_reason())
     out = tmp_path / "out"
-    proc = run_benchmarks(["-m", "benchmarks", name, "--quick", "--out", str(out)], tmp_path)
+    proc = run_benchmarks(["-m", "benchmarks", name, "--quick", "--out", str(out), *EXTRA_ARGS.get(name, [])],
+                          tmp_path)
     assert proc.returncode == 0, describe(proc)
     json_path, png_path = out / f"{name}_quick.json", out / f"{name}_quick.png"
     assert json_path.is_file(), describe(proc)
@@ -162,7 +203,7 @@ def test_list_and_unknown_scenario(tmp_path):
     proc = run_benchmarks(["-m", "benchmarks", "--list"], tmp_path, timeout=60)
     assert proc.returncode == 0, describe(proc)
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert listed == ["overhead", "einsum", "layers", "policies", "ncpu", "tiles", "all"], proc.stdout
+    assert listed == ["overhead", "einsum", "layers", "policies", "ncpu", "tiles", "hetero", "all"], proc.stdout
     proc = run_benchmarks(["-m", "benchmarks", "no-such-scenario"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "unknown scenario 'no-such-scenario'" in proc.stderr, describe(proc)
 
@@ -186,3 +227,30 @@ def test_median_spread_and_result_paths(tmp_path):
     assert path == tmp_path / "demo_quick.json" and json.loads(path.read_text()) == {"x": 1}
     assert common.png_path(path) == tmp_path / "demo_quick.png"
     assert common.result_path(tmp_path, "demo", False).name == "demo.json"
+
+
+def test_hetero_targets_follow_the_numbers():
+    """hetero's targets are computed from the measurements (synthetic ones here), never fixed."""
+    from benchmarks import common, hetero
+
+    def run(mix: str, ms: float) -> dict:
+        w = {"time_s": common.median_spread([ms / 1e3]), "tasks_by_kind": {"cpu": 4}, "params": {}}
+        return {"mix": mix, "policy": "dmda", "status": "ok", "workloads": {k: dict(w) for k in hetero.WORKLOADS}}
+
+    def analysed(cpu_ms: float, gpu_ms: float, hybrid_ms: float, codelet_ms: float) -> dict:
+        result = {"config": {"mixes": ["cpu", "gpu", "hybrid"], "policies": ["dmda"], "gpu_precision": {}},
+                  "skipped": [], "runs": [run("cpu", cpu_ms), run("gpu", gpu_ms), run("hybrid", hybrid_ms)],
+                  "references": {"cupy": {"single_gemm": {"time_s": common.median_spread([0.010])}}},
+                  "single_gemm": {"time_s": common.median_spread([codelet_ms / 1e3]), "tflops": 1.0,
+                                  "size": 8192, "dtype": "float32", "run": "dmda on gpu"}}
+        hetero.analyse(result)
+        return result
+
+    data = analysed(cpu_ms=100, gpu_ms=50, hybrid_ms=40, codelet_ms=10.5)
+    assert data["best_single"]["gemm"] == {"mix": "gpu", "policy": "dmda", "median_s": 0.05}
+    assert data["balance"]["tt"]["ideal_hybrid_speedup"] == pytest.approx(1.5) and data["balance"]["tt"]["balanced"]
+    assert [t["status"] for t in data["targets"]] == ["met", "met", "met"]      # 0.95x, 1.25x, 1.25x
+    data = analysed(cpu_ms=100, gpu_ms=50, hybrid_ms=48, codelet_ms=12)
+    assert [t["status"] for t in data["targets"]] == ["missed", "met", "missed"]   # 0.83x, 1.04x
+    data = analysed(cpu_ms=1000, gpu_ms=50, hybrid_ms=55, codelet_ms=10)
+    assert [t["status"] for t in data["targets"]] == ["met", "missed", "not applicable"]   # ideal 1.05x
