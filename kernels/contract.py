@@ -75,8 +75,8 @@ def _pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, a_slice, b_slice, o
     p, q = (a, b) if layout.p_is_a else (b, a)
     product = (gemm_layout.operand_view(xp, p, layout.p), gemm_layout.operand_view(xp, q, layout.q))
     summed = tuple(range(layout.nstack, layout.nstack + layout.nkouter))
-    if layout.out_groups is not None:
-        view = gemm_layout.strided_view(xp, out, layout.out_groups, output=True)
+    if layout.out_view is not None:
+        view = gemm_layout.out_view(xp, out, layout)
         if summed:
             xp.sum(precision.matmul(xp, *product), axis=summed, out=view)
         elif product[0].shape[-1] == 1:  # nothing contracted: an outer product, at memory speed

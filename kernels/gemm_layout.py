@@ -38,11 +38,13 @@ MAX_SUBSET_ITEMS = 6  # 64 stack choices; beyond, only prefixes of the output's 
 
 @dataclass(frozen=True)
 class Operand:
-    """How one operand enters the matmul: for each matmul axis (stack..., summed..., rows,
-    columns), the operand's axes merged into it in order (-1: a stack axis it lacks, broadcast)."""
+    """How one operand enters the matmul: ``copy`` (axes order) when it is first copied to a
+    contiguous array with its axes in that order, None when it is used in place; then the
+    strided view (``shape``, ``strides`` in bytes) of (stack..., summed..., rows, columns)."""
 
-    groups: tuple[tuple[int, ...], ...]  # per matmul axis: the operand's axes merged into it
-    copy: bool  # the merged view is impossible or not BLAS-friendly: copy to contiguous first
+    copy: tuple[int, ...] | None
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,8 @@ class Layout:
     q: Operand
     nstack: int  # leading matmul axes that are output indices
     nkouter: int  # then this many contracted axes, summed after the matmul
-    out_groups: tuple[tuple[int, ...], ...] | None  # out's axes per result axis; None: transpose
-    result_order: tuple[str, ...]  # index groups of the result (stack, kouter, X, Y) for the fallback
+    out_view: tuple[tuple[int, ...], tuple[int, ...]] | None  # (shape, strides) of out; None: transpose
+    result_order: tuple[str, ...]  # indices of the result (stack, kouter, X, Y) for the fallback
     cost: float
 
 
@@ -79,16 +81,41 @@ def _blasable(rows: int, cols: int, rs: int, cs: int, item: int, output: bool) -
     return c_order(rows, cols, rs, cs) or c_order(cols, rows, cs, rs)
 
 
-def _view_cost(shape, strides, item, groups, output: bool = False) -> tuple[bool, float]:
-    """(needs a copy, its cost in bytes) for viewing an array as ``groups`` axes."""
+def _view(shape, strides, item, groups, output: bool) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(shape, strides) of the view merging ``groups``, or None when it would need a copy (a
+    group is not contiguous, or its last two axes are not a matrix numpy passes to BLAS)."""
     merged = [_merge(shape, strides, g) for g in groups]
-    nbytes = math.prod(shape) * item
     if any(m is None for m in merged):
-        return True, nbytes * 2
-    (rows, rs), (cols, cs) = merged[-2], merged[-1]
-    if not _blasable(rows, cols, rs, cs, item, output):
-        return True, nbytes * 2
-    return False, 0.0
+        return None
+    view_shape = [m[0] for m in merged]
+    view_strides = [m[1] for m in merged]
+    rows, cols = view_shape[-2], view_shape[-1]
+    # Size-1 matrix axes get the strides BLAS expects (they are never stepped along).
+    if cols == 1:
+        view_strides[-1] = item
+    if rows == 1:
+        view_strides[-2] = cols * view_strides[-1] if output else item
+    if not _blasable(rows, cols, view_strides[-2], view_strides[-1], item, output):
+        return None
+    return tuple(view_shape), tuple(view_strides)
+
+
+def _operand(shape, strides, item, groups) -> tuple[Operand, float]:
+    """The operand's view, in place if possible, else of a contiguous copy; and its cost."""
+    view = _view(shape, strides, item, groups, output=False)
+    if view is not None:
+        return Operand(None, *view), 0.0
+    axes = tuple(k for g in groups for k in g if k >= 0)
+    copy_shape = [shape[k] for k in axes]
+    copy_strides = [item * math.prod(copy_shape[n + 1:]) for n in range(len(axes))]
+    renumbered, position = [], 0
+    for g in groups:  # the copy's axes are the operand's in group order
+        renumbered.append(tuple(-1 if k < 0 else position + sum(1 for j in g[:n] if j >= 0)
+                                for n, k in enumerate(g)))
+        position += sum(1 for k in g if k >= 0)
+    view = _view(copy_shape, copy_strides, item, renumbered, output=False)
+    assert view is not None  # groups of a contiguous array in order always merge
+    return Operand(axes, *view), 2.0 * math.prod(shape) * item
 
 
 def _storage_order(idx: str, strides: Sequence[int], keep: Sequence[str]) -> list[str]:
@@ -163,52 +190,32 @@ def _search(a_idx, b_idx, out_idx, a_shape, a_strides, b_shape, b_strides, out_s
                 xs, ys = x, y
                 out_groups = tuple((out_idx.index(i),) for i in stack) + (
                     tuple(out_idx.index(i) for i in x), tuple(out_idx.index(i) for i in y))
-                out_copy, out_cost = _view_cost(out_shape, out_strides, item, out_groups, output=True)
-                if out_copy:
+                out_view = _view(out_shape, out_strides, item, out_groups, output=True)
+                if out_view is None:
                     continue
+                out_cost = 0.0
             else:  # the operands' own orders; the result is transposed into out
                 xs = _storage_order(p_idx, p_strides, x)
                 ys = _storage_order(q_idx, q_strides, y)
-                out_groups, out_cost = None, out_nbytes * 2
-            p_groups = _operand_groups(p_idx, stack, kouter, xs, kin)
-            q_groups = _operand_groups(q_idx, stack, kouter, kin, ys)
-            p_copy, p_cost = _view_cost(p_shape, p_strides, item, p_groups)
-            q_copy, q_cost = _view_cost(q_shape, q_strides, item, q_groups)
+                out_view, out_cost = None, out_nbytes * 2
+            p_op, p_cost = _operand(p_shape, p_strides, item, _operand_groups(p_idx, stack, kouter, xs, kin))
+            q_op, q_cost = _operand(q_shape, q_strides, item, _operand_groups(q_idx, stack, kouter, kin, ys))
             total = cost + out_cost + p_cost + q_cost
             if best is None or total < best.cost:
-                best = Layout(p_is_a, Operand(p_groups, p_copy), Operand(q_groups, q_copy), len(stack),
-                              len(kouter), out_groups, tuple(stack + kouter + xs + ys), total)
+                best = Layout(p_is_a, p_op, q_op, len(stack), len(kouter), out_view,
+                              tuple(stack + kouter + xs + ys), total)
     assert best is not None  # the fallback candidate always exists
     return best
 
 
 def operand_view(xp: Any, t: Any, op: Operand) -> Any:
-    """``t`` as the matmul operand ``op`` describes: a strided view, or a contiguous copy."""
-    if op.copy:
-        axes = [k for g in op.groups for k in g if k >= 0]
-        t = xp.ascontiguousarray(t.transpose(axes))
-        # re-number the groups onto the copy's axes, which are now in group order
-        renumbered, position = [], 0
-        for g in op.groups:
-            new = []
-            for k in g:
-                new.append(-1 if k < 0 else position)
-                position += k >= 0
-            renumbered.append(tuple(new))
-        return strided_view(xp, t, tuple(renumbered), output=False)
-    return strided_view(xp, t, op.groups, output=False)
+    """``t`` as the matmul operand ``op`` describes: a strided view of it, or of a copy."""
+    if op.copy is not None:
+        t = xp.ascontiguousarray(t.transpose(op.copy))
+    return xp.lib.stride_tricks.as_strided(t, shape=op.shape, strides=op.strides)
 
 
-def strided_view(xp: Any, t: Any, groups, output: bool) -> Any:
-    """The view of ``t`` whose axes merge ``groups`` (which must be mergeable)."""
-    item = t.itemsize
-    merged = [_merge(t.shape, t.strides, g) for g in groups]
-    shape = [m[0] for m in merged]
-    strides = [m[1] for m in merged]
-    # Size-1 matrix axes: give them the strides BLAS expects (they are never stepped along).
-    rows, cols = shape[-2], shape[-1]
-    if cols == 1:
-        strides[-1] = item
-    if rows == 1:
-        strides[-2] = cols * item if output else item
-    return xp.lib.stride_tricks.as_strided(t, shape=tuple(shape), strides=tuple(strides))
+def out_view(xp: Any, out: Any, layout: Layout) -> Any:
+    """``out`` as the matmul's result (``layout.out_view`` must not be None)."""
+    shape, strides = layout.out_view
+    return xp.lib.stride_tricks.as_strided(out, shape=shape, strides=strides)

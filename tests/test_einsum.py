@@ -790,4 +790,4 @@ def test_layout_search_avoids_copies_on_layer_shapes(equation, copies):
     arrays = [np.empty([sizes[i] for i in idx], np.float32) for idx in (a_idx, b_idx, out_idx)]
     layout = gemm_layout.find_layout(a_idx, b_idx, out_idx, *(x for arr in arrays for x in (arr.shape, arr.strides)),
                                      item=4)
-    assert (layout.p.copy or layout.q.copy or layout.out_groups is None) == copies, layout
+    assert (layout.p.copy is not None or layout.q.copy is not None or layout.out_view is None) == copies, layout
