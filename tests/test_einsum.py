@@ -338,9 +338,7 @@ def test_backward_matches_torch(inline_engine, engine, family, data, tile, seed)
         assert err <= bound, f"{case.equation}: d/d operand {k}: max error {err:.3g} > {bound:.3g}"
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("tile", [None, 1, 3])
-@pytest.mark.parametrize("equation, shapes", [
+FIXED_NETWORKS = [
     ("za,abc,cde,ef->zbdf", [(6, 3), (3, 4, 5), (5, 2, 3), (3, 4)]),           # TT
     ("abcd,ia,jb,kc,ld->ijkl", [(3, 4, 2, 3), (5, 3), (2, 4), (4, 2), (3, 3)]),  # Tucker
     ("ir,jr,kr->ijk", [(5, 4), (3, 4), (2, 4)]),                                 # CP
@@ -348,7 +346,12 @@ def test_backward_matches_torch(inline_engine, engine, family, data, tile, seed)
     ("bij,bjk->bik", [(5, 3, 4), (5, 4, 2)]),                                    # batch matmul
     ("ij,ij,jk->ik", [(4, 3), (4, 3), (3, 5)]),                                  # Hadamard
     ("ijk,j->i", [(5, 3, 4), (3,)]),                                             # private sum
-])
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("tile", [None, 1, 3])
+@pytest.mark.parametrize("equation, shapes", FIXED_NETWORKS)
 def test_backward_fixed_networks(inline_engine, engine, equation, shapes, tile, rng):
     ops = [rng.uniform(0.5, 1.5, s) for s in shapes]
     wrt = list(range(len(ops)))[::-1]  # results follow wrt's order
@@ -360,6 +363,66 @@ def test_backward_fixed_networks(inline_engine, engine, equation, shapes, tile, 
     np.testing.assert_allclose(out, ref_out, rtol=1e-12)
     for grad, ref in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture
+def reorder_every_intermediate(monkeypatch):
+    """Plans built inside the test reorder intermediates at any size (normally only large ones),
+    and GEMM calls cost nothing, so that copies decide (the TT and Tucker networks get reordered)."""
+    import importlib
+    from lotus_rt.kernels import gemm_layout
+    from lotus_rt.tn import layouts
+    plan = importlib.import_module("lotus_rt.tn.plan")  # lotus_rt.tn.plan is also a function's name
+    monkeypatch.setattr(layouts, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(gemm_layout, "BYTES_PER_GEMM", 0)
+    plan._build_plan.cache_clear()
+    gemm_layout._cache.clear()
+    yield
+    plan._build_plan.cache_clear()
+    gemm_layout._cache.clear()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("equation, shapes", FIXED_NETWORKS + [
+    ("zabcd,xaiy,ybjw,wckv,vdlu->zijkl", [(6, 2, 3, 2, 3), (1, 2, 3, 2), (2, 3, 2, 3), (3, 2, 4, 2), (2, 3, 2, 1)]),
+])
+def test_reordered_intermediates_give_the_same_results(inline_engine, engine, equation, shapes, rng,
+                                                       reorder_every_intermediate):
+    ops = [rng.uniform(0.5, 1.5, s) for s in shapes]
+    wrt = list(range(len(ops)))
+    with on_engine(engine, inline_engine):
+        out, saved = tn.forward(equation, *ops, tile=2)
+        grad_out = rng.uniform(-1, 1, out.shape)
+        grads = tn.backward(saved, grad_out, wrt=wrt)
+    ref_out, ref_grads = torch_grads(equation, ops, grad_out, wrt)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12)
+    for grad, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_tt_layer_plan_reorders_its_large_intermediate_to_avoid_copies():
+    """TTLinear 1024->1024 at batch 256: the planner's natural order of the (batch, ...)
+    intermediate would make its reader and their backward copy 8 MB operands; the chosen order
+    lets every contraction that touches it run without copying it."""
+    from lotus_rt.kernels import gemm_layout
+    from lotus_rt.tn import layouts
+    shapes = [(256, 4, 8, 8, 4), (1, 4, 4, 8), (8, 8, 8, 8), (8, 8, 8, 8), (8, 4, 4, 1)]
+    plan = tn.plan_for("abcde,jbfk,kcgl,ldhm,mein->afghi", shapes, np.float32, tile=256)
+    sizes = plan.network.sizes
+    big = [n for n, idx in enumerate(plan.nodes) if n >= 5 and n != plan.output_node
+           and math.prod(sizes[i] for i in idx) >= layouts.MIN_ELEMENTS]
+    assert big
+    for step in plan.steps:
+        if step.kind != "pair" or not ({step.output, *step.inputs} & set(big)):
+            continue
+        (x, w), z = step.inputs, step.output
+        for a, b, out in ((x, w, z), (z, w, x), (z, x, w)):  # forward, and both backward pairs
+            idx = [plan.nodes[n] for n in (a, b, out)]
+            arrays = [np.empty([sizes[i] for i in t], np.float32) for t in idx]
+            layout = gemm_layout.find_layout(*idx, *(v for arr in arrays for v in (arr.shape, arr.strides)), item=4)
+            p, q = (a, b) if layout.p_is_a else (b, a)
+            for node, operand in ((p, layout.p), (q, layout.q)):
+                assert node not in big or operand.copy is None, (idx, layout)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

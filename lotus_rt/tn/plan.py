@@ -6,7 +6,8 @@ diagonal) or an index no other operand nor the output has (summed away privately
 contractions of the reduced network; each becomes a *pair* step whose result keeps only the
 indices still needed (by the output or a remaining operand), laid out in the GEMM's natural
 order (batch, free of the left operand, free of the right one) except the last step, which
-writes the requested output order. A path entry with more than two operands (``optimize=False``)
+writes the requested output order; then ``layouts.choose_orders`` may reorder a large
+intermediate so that the GEMMs around it need no copies. A path entry with more than two operands (``optimize=False``)
 is folded left to right.
 
 Tiling splits the output's leading index into tiles: every node carrying that index exists
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import opt_einsum
 
 from lotus_rt.kernels.contract import PairSpec, UnarySpec, pair_spec
+from lotus_rt.tn import layouts
 from lotus_rt.tn.network import Network
 
 ASSUMED_FLOPS = 2e10  # per CPU worker, for tile sizing only: tasks measured 14-29 GFLOP/s (float32, 2026-11-27)
@@ -157,6 +159,8 @@ def _build_plan(net: Network, optimizer: str, tile: int | None, nworkers: int) -
         raw_steps.append(("unary", (final,), out, UnarySpec("einsum", f"{nodes[final]}->{output}"),
                           _flops(nodes[final], sizes, 1)))
         final = out
+    layouts.choose_orders(nodes, raw_steps, set(range(len(net.inputs))) | {final}, sizes)
+    raw_steps = [_respec(nodes, step) for step in raw_steps]
 
     total = sum(s[4] for s in raw_steps)
     tile_index, tile_len = _choose_tiling(net, nodes, raw_steps, tile, nworkers, total)
@@ -166,6 +170,16 @@ def _build_plan(net: Network, optimizer: str, tile: int | None, nworkers: int) -
     steps = tuple(Step(kind, ins, out, spec, flops, t, p)
                   for (kind, ins, out, spec, flops), t, p in zip(raw_steps, tiled, priorities))
     return Plan(net, optimizer, tuple(nodes), steps, final, tile_index, tile_len, total, optimal_flops)
+
+
+def _respec(nodes: list[str], step: tuple) -> tuple:
+    """``step`` with its spec rebuilt from the (possibly reordered) ``nodes``."""
+    kind, inputs, out, spec, flops = step
+    if kind == "pair":
+        spec = pair_spec(nodes[inputs[0]], nodes[inputs[1]], nodes[out])
+    elif spec.kind == "einsum":
+        spec = UnarySpec("einsum", f"{nodes[inputs[0]]}->{nodes[out]}")
+    return kind, inputs, out, spec, flops
 
 
 def _choose_tiling(net: Network, nodes: list[str], steps: list, tile: int | None, nworkers: int,
