@@ -5,7 +5,8 @@
 contraction of ``cols`` with the kernel. Channel-major like the classic im2col matrix
 (C*kh*kw, N*Ho*Wo): contracting (c, i, j) with a kernel is then a GEMM on ``cols`` as stored. ``fold`` is its adjoint: it scatters-adds ``cols``
 back into an image (the input gradient of a convolution). Both loop over the kh*kw kernel
-offsets and move whole strided slabs, so the work is a few large copies, not a per-pixel loop.
+offsets and move whole strided slabs, so the work is a few large copies, not a per-pixel loop;
+each offset touches only the window that falls inside the image (no padded copy is made).
 
 The same code serves NumPy (CPU) and CuPy (GPU) through the array module ``xp``.
 """
@@ -29,30 +30,54 @@ def columns_shape(x_shape: tuple[int, ...], kernel: Pair, stride: Pair, padding:
                                                zip((h, w), kernel, stride, padding, dilation))
 
 
-def _windows(kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair):
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
+def _valid_range(size: int, out_size: int, offset: int, stride: int) -> tuple[int, int, slice]:
+    """For one kernel offset along one axis: the output positions [lo, hi) whose input position
+    ``o * stride + offset`` (offset = kernel index * dilation - padding) falls inside the image,
+    and the slice of input positions they read."""
+    lo = min(out_size, -(offset // stride) if offset < 0 else 0)  # ceil(-offset / stride)
+    hi = min(out_size, (size - 1 - offset) // stride + 1) if size - 1 - offset >= 0 else 0
+    if hi <= lo:
+        return lo, lo, slice(0, 0)
+    first = lo * stride + offset
+    return lo, hi, slice(first, first + stride * (hi - lo - 1) + 1, stride)
+
+
+def _windows(shape_hw: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, out_hw: Pair):
+    """Per kernel offset (i, j): the valid output window (rows, cols slices of cols[..., p, q])
+    and the input window it reads (strided slices of the unpadded image)."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = shape_hw, kernel, stride, padding, dilation, out_hw
     for i in range(kh):
+        p0, p1, in_rows = _valid_range(h, ho, i * dh - ph, sh)
         for j in range(kw):
-            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
-            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-            yield i, j, rows, cols
+            q0, q1, in_columns = _valid_range(w, wo, j * dw - pw, sw)
+            yield i, j, (slice(p0, p1), slice(q0, q1)), (in_rows, in_columns)
 
 
 def _unfold(xp: Any, x: Any, cols: Any, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
-    ph, pw = padding
-    padded = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-    out_hw = cols.shape[4:]
-    for i, j, rows, columns in _windows(kernel, stride, dilation, out_hw):
-        cols[:, i, j] = padded[:, :, rows, columns].swapaxes(0, 1)
+    # Each kernel offset copies the part of the image it sees and zeroes the strips that fall in
+    # the padding: no padded copy of the image is made.
+    channels_first = x.swapaxes(0, 1)  # (c, n, h, w) view, cols' own order
+    ho, wo = cols.shape[4:]
+    for i, j, (rows, columns), (in_rows, in_columns) in _windows(x.shape[2:], kernel, stride, padding, dilation, (ho, wo)):
+        dst = cols[:, i, j]
+        dst[:, :, rows, columns] = channels_first[:, :, in_rows, in_columns]
+        if rows.start > 0:
+            dst[:, :, :rows.start] = 0
+        if rows.stop < ho:
+            dst[:, :, rows.stop:] = 0
+        if columns.start > 0:
+            dst[:, :, rows, :columns.start] = 0
+        if columns.stop < wo:
+            dst[:, :, rows, columns.stop:] = 0
 
 
 def _fold(xp: Any, cols: Any, x: Any, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
-    ph, pw = padding
+    # Accumulate in cols' channel-major order (contiguous slabs), then transpose once into x.
     n, c, h, w = x.shape
-    padded = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-    for i, j, rows, columns in _windows(kernel, stride, dilation, cols.shape[4:]):
-        padded[:, :, rows, columns] += cols[:, i, j].swapaxes(0, 1)
-    x[...] = padded[:, :, ph:ph + h, pw:pw + w]
+    acc = xp.zeros((c, n, h, w), dtype=x.dtype)
+    for i, j, (rows, columns), (in_rows, in_columns) in _windows((h, w), kernel, stride, padding, dilation, cols.shape[4:]):
+        acc[:, :, in_rows, in_columns] += cols[:, i, j, :, rows, columns]
+    x[...] = acc.swapaxes(0, 1)
 
 
 def unfold_cpu(x, cols, *, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:

@@ -186,21 +186,26 @@ def test_batch_tiles_follow_the_work_and_lotus_tile():
     assert len(functional.batch_tiles(3, 1000 * functional.TILE_FLOPS, 2)) == 3
 
 
-@pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), ((1, 2), (2, 0), (2, 1))])
+@pytest.mark.parametrize("stride, padding, dilation", [
+    (1, 0, 1), (2, 1, 1), ((1, 2), (2, 0), (2, 1)),
+    (3, 1, 1),                 # stride larger than the kernel's height reach
+    (1, (4, 3), 1),            # padding wider than the kernel: some offsets see only padding
+    ((2, 1), (3, 1), (2, 3)),  # everything at once
+])
 def test_unfold_matches_torch_and_fold_is_its_adjoint(stride, padding, dilation, rng):
     from lotus_rt.nn import functional
     from lotus_rt.kernels import conv as conv_kernels
     geometry = functional.ConvGeometry((3, 2), *((v, v) if isinstance(v, int) else v
                                                  for v in (stride, padding, dilation)))
     x = rng.standard_normal((2, 3, 7, 8))
-    cols = np.empty(functional.unfolded_shape(x.shape, geometry))
+    cols = np.full(functional.unfolded_shape(x.shape, geometry), np.nan)  # every element must be written
     conv_kernels.unfold_cpu(x, cols, **geometry.kwargs())
     c, kh, kw, n, ho, wo = cols.shape
     reference = F.unfold(torch.from_numpy(x), (3, 2), dilation=geometry.dilation, padding=geometry.padding,
                          stride=geometry.stride).numpy()  # (n, c*kh*kw, ho*wo)
     assert np.allclose(cols.transpose(3, 0, 1, 2, 4, 5).reshape(n, c * kh * kw, ho * wo), reference)
     g = rng.standard_normal(cols.shape)
-    folded = np.empty_like(x)
+    folded = np.full_like(x, np.nan)
     conv_kernels.fold_cpu(g, folded, **geometry.kwargs())
     assert np.isclose(np.vdot(cols, g), np.vdot(x, folded))
 
