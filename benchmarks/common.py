@@ -67,17 +67,21 @@ def median_spread(samples: Sequence[float]) -> dict[str, Any]:
 
 
 def interleaved(variants: Mapping[str, Callable[[], float]], repeats: int,
-                settle_s: float | Mapping[str, float] = SETTLE_S) -> dict[str, list[float]]:
+                settle_s: float | Mapping[str, float] = SETTLE_S, warm: bool = False) -> dict[str, list[float]]:
     """``repeats`` rounds, each calling every variant once (order rotated per round).
 
     Each variant returns the seconds of its timed region. ``settle_s`` (per variant or for all)
-    is slept, untimed, after each call.
+    is slept, untimed, after each call. ``warm``: each timed call follows an untimed one of the
+    same variant, so that thread pools that went to sleep during the settle (torch's, OpenBLAS's)
+    are awake again: the time is that of a call in a loop, not of the first after a pause.
     """
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         k = rep % len(names)
         for name in names[k:] + names[:k]:
+            if warm:
+                variants[name]()
             times[name].append(variants[name]())
             time.sleep(settle_s[name] if isinstance(settle_s, Mapping) else settle_s)
     return times

@@ -22,10 +22,13 @@ is faster), reported as median, min and max. Variants: lotus_rt.einsum with ``ti
 Fairness. StarPU 1.3's CPU workers busy-poll for work while idle (each keeps a core at 100 %).
 Left alone, they would compete with torch's and numpy's threads for the same cores, so the
 references run with StarPU paused (``starpu_pause()``; paused workers block on a condition
-variable) and StarPU is resumed, untimed, before each lotus_rt call. The cost of that
-contention is shown once per network as "torch_unpaused" (torch.einsum with StarPU's workers
-spinning: what a process mixing torch and lotus_rt sees). A short untimed sleep after every
-call lets OpenBLAS's own spinning threads go idle before the next variant starts.
+variable) and StarPU is resumed, untimed, before each lotus_rt call. What a process mixing
+torch and lotus_rt sees is shown once per network as "torch_unpaused" (torch.einsum with StarPU
+left as lotus_rt leaves it between calls: its workers spinning with LOTUS_IDLE_PAUSE=0, paused
+by lotus_rt itself with the idle pause on, the default). A short untimed sleep after every call
+lets OpenBLAS's own spinning threads go idle before the next variant starts, and every timed
+call follows an untimed call of the same variant, so no variant pays for waking its thread
+pool after that sleep.
 
 Note on numpy.einsum(optimize=True): numpy caps intermediates at the size of the largest
 input or output (its default ``memory_limit``). On the TT networks the optimal path needs a
@@ -81,7 +84,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import lotus_rt  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.common import StarPUPause, median_spread, rel_error  # noqa: E402
-from lotus_rt import tn  # noqa: E402
+from lotus_rt import config, tn  # noqa: E402
 
 MAX_REL_ERROR = common.MAX_REL_ERROR["float32"]
 SETTLE_S = common.SETTLE_S  # untimed sleep after each call
@@ -269,7 +272,7 @@ def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, pause: S
         time.sleep(settle[name])
     # the output is dropped at once (only the elapsed time is kept)
     times = common.interleaved({name: (lambda fn=fn: fn()[0]) for name, fn in variants.items()},
-                               repeats, settle)
+                               repeats, settle, warm=True)
 
     lotus_results = []
     for name, tile in zip(lotus_names, tiles):
@@ -304,6 +307,7 @@ def print_table(result: dict) -> None:
             f"{'torch/lotus':>11} {'numpy/lotus':>11} {'npath/lotus':>11} {'util':>5} {'rel err':>8}")
     print(head)
     print("-" * len(head))
+    beside = "StarPU idle-paused" if result.get("idle_pause") else "StarPU spinning"
     for net in result["networks"]:
         refs = net["references"]
         for lot in net["lotus"]:
@@ -313,7 +317,7 @@ def print_table(result: dict) -> None:
                   f"{lot['numpy_over_lotus']['median']:>10.1f}x {lot['numpy_path_over_lotus']['median']:>10.2f}x "
                   f"{prof.get('utilisation', float('nan')):>5.2f} {lot['max_rel_error']:>8.1e}")
         print(f"{'':<9} references ms: torch {refs['torch']['time_s']['median'] * 1e3:.2f} "
-              f"(StarPU spinning: {refs['torch_unpaused']['time_s']['median'] * 1e3:.2f}), numpy "
+              f"(beside lotus_rt, {beside}: {refs['torch_unpaused']['time_s']['median'] * 1e3:.2f}), numpy "
               f"{refs['numpy']['time_s']['median'] * 1e3:.2f}, numpy_path "
               f"{refs['numpy_path']['time_s']['median'] * 1e3:.2f}; rel err torch "
               f"{refs['torch']['max_rel_error']:.1e} numpy {refs['numpy']['max_rel_error']:.1e}")
@@ -398,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_num_threads": torch.get_num_threads(),
         "torch_opt_einsum": bool(torch.backends.opt_einsum.enabled and torch.backends.opt_einsum.is_available()),
         "starpu_paused_for_references": pause.available,
+        "idle_pause": config.read_settings().idle_pause,
         "batch": batch, "dtype": "float32", "repeats": repeats, "quick": quick,
         "tiles": tiles,
         "targets": {"torch_over_lotus": f">= {SPEED_TARGET}", "flops_over_optimal": f"<= {FLOPS_TARGET}"},
