@@ -136,6 +136,11 @@ def test_bad_input_is_a_clear_error():
         layer(torch.randn(2, 3, 8, 8))
     with pytest.raises(TypeError, match="float32 or float64"):
         layer(torch.randn(2, 4, 8, 8).half())
+    # a tensor off the host (the meta device stands in for CUDA here) is refused by name
+    with pytest.raises(ValueError, match="is on meta: offloaded layers take CPU tensors"):
+        layer(torch.randn(2, 4, 8, 8, device="meta"))
+    with pytest.raises(ValueError, match="operand 1 is on meta"):
+        lotus_rt.einsum("ij,jk->ik", torch.randn(2, 3), torch.randn(3, 4, device="meta"))
     with pytest.raises(ValueError):
         lotus_rt.TuckerConv2d(4, 6, 3, ranks=0)
     with pytest.raises(ValueError, match="same length"):

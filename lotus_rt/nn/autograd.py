@@ -17,8 +17,11 @@ from lotus_rt.nn import functional as F
 
 def _as_numpy(tensor: torch.Tensor, what: str) -> np.ndarray:
     if tensor.device.type != "cpu":
-        raise ValueError(f"{what} is on {tensor.device}: offloaded layers take CPU tensors "
-                         "(CUDA tensors need a CUDA-enabled StarPU)")
+        # Not yet: device-resident layer data (runtime.register takes CUDA arrays; the layers'
+        # own allocations and the conversion back to torch are host-only so far).
+        raise ValueError(f"{what} is on {tensor.device}: offloaded layers take CPU tensors; "
+                         "layers on CUDA tensors are not implemented yet (StarPU's CUDA workers "
+                         "still run the tasks of CPU-tensor layers)")
     if tensor.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{what} has dtype {tensor.dtype}; offloaded layers take float32 or float64")
     return tensor.detach().contiguous().numpy()

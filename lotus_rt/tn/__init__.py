@@ -38,8 +38,9 @@ def _to_numpy(operands: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
     for k, op in enumerate(operands):
         if torch_inputs[k]:
             if op.device.type != "cpu":
-                raise ValueError(f"einsum: operand {k} is on {op.device}; this runtime takes CPU "
-                                 "tensors (CUDA tensors need StarPU CUDA workers)")
+                raise ValueError(f"einsum: operand {k} is on {op.device}; einsum takes CPU tensors "
+                                 "(CUDA operands are not implemented yet; StarPU's CUDA workers still "
+                                 "run the tasks)")
             op = op.detach().numpy()
         elif not isinstance(op, np.ndarray):
             raise TypeError(f"einsum: operand {k} is a {type(op).__name__}, not a numpy array or torch tensor")
