@@ -140,6 +140,8 @@ def environment(rt=None) -> dict[str, Any]:
         "blas_threads": _blas_threads(),
         "env": config.starpu_env_report(),
         "lotus_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LOTUS_")},
+        "openmp_env": {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
+                       if k in os.environ},
     }
 
 

@@ -21,6 +21,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from lotus_rt import omp
 from lotus_rt.errors import ConfigError
 
 
@@ -95,6 +96,7 @@ def info() -> int:
     print("StarPU settings:")
     for name, value in config.starpu_env_report().items():
         print(f"  {name}={value}")
+    print(f"OpenMP spin (torch's threads beside StarPU's workers): {omp.report()}")
     return 0
 
 
@@ -144,6 +146,7 @@ def trace(output: str, command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    omp.shorten_spin()  # before the demo imports torch; `trace` and `bench` children inherit it
     parser = argparse.ArgumentParser(prog="lotus-rt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="train a CNN on MNIST dense, then tensorized on StarPU")

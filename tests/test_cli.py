@@ -4,6 +4,7 @@ trace (validated against the trace-event format) or a Gantt PNG; bad values are 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -31,10 +32,11 @@ print("TASKS", sum(s.tasks for s in rt.stats()))
 """
 
 
-def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict | None = None, unset: tuple[str, ...] = (),
+         timeout: float = 120) -> subprocess.CompletedProcess:
     """``lotus-rt ARGS`` in a subprocess (conftest's run_python: repository importable)."""
     return run_python("import sys; from lotus_rt.cli import main; sys.exit(main(sys.argv[1:]))",
-                      env, timeout=timeout, args=args)
+                      env, unset=unset, timeout=timeout, args=args)
 
 
 def _tasks_run(proc: subprocess.CompletedProcess) -> int:
@@ -148,3 +150,30 @@ def test_bench_list_names_every_scenario():
     assert proc.returncode == 0, describe(proc)
     for scenario in ("overhead", "einsum", "layers", "policies", "ncpu", "tiles"):
         assert scenario in proc.stdout
+
+
+def test_shorten_spin_sets_gomp_spincount_unless_chosen_or_too_late(monkeypatch):
+    from lotus_rt import omp
+    monkeypatch.setattr(omp, "libgomp_loaded", lambda: False)
+    env = {"PATH": "/bin"}
+    assert omp.shorten_spin(env) == "set" and env["GOMP_SPINCOUNT"] == omp.SPINCOUNT
+    for chosen in ({"GOMP_SPINCOUNT": "7"}, {"OMP_WAIT_POLICY": "PASSIVE"}):
+        env = dict(chosen)
+        assert omp.shorten_spin(env) == "user" and env == chosen  # the user's choice is kept
+        assert "=".join(next(iter(chosen.items()))) in omp.report(env)
+    assert "unset" in omp.report({})
+    monkeypatch.setattr(omp, "libgomp_loaded", lambda: True)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert omp.shorten_spin() == "late" and "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_lotus_rt_programs_pass_the_short_spin_to_what_they_run():
+    """`lotus-rt trace -- cmd` runs cmd with GOMP_SPINCOUNT set (set before torch could load)."""
+    code = "import os; print('spin=' + str(os.environ.get('GOMP_SPINCOUNT')))"
+    from lotus_rt import omp
+    run = _cli("trace", "-o", "unused.json", "--", sys.executable, "-c", code,
+               unset=("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))
+    assert f"spin={omp.SPINCOUNT}" in run.stdout, describe(run)
+    run = _cli("trace", "-o", "unused.json", "--", sys.executable, "-c", code, env={"GOMP_SPINCOUNT": "11"})
+    assert "spin=11" in run.stdout, describe(run)
