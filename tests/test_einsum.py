@@ -356,11 +356,16 @@ def test_backward_fixed_networks(inline_engine, engine, equation, shapes, tile, 
     ops = [rng.uniform(0.5, 1.5, s) for s in shapes]
     wrt = list(range(len(ops)))[::-1]  # results follow wrt's order
     with on_engine(engine, inline_engine):
-        out, saved = tn.forward(equation, *ops, tile=tile)
-        grad_out = rng.uniform(-1, 1, out.shape)
-        grads = tn.backward(saved, grad_out, wrt=wrt)
+        _check_forward_backward_against_torch(equation, ops, wrt, tile, rng)
+
+
+def _check_forward_backward_against_torch(equation, ops, wrt, tile, rng) -> None:
+    out, saved = tn.forward(equation, *ops, tile=tile)
+    grad_out = rng.uniform(-1, 1, out.shape)
+    grads = tn.backward(saved, grad_out, wrt=wrt)
     ref_out, ref_grads = torch_grads(equation, ops, grad_out, wrt)
     np.testing.assert_allclose(out, ref_out, rtol=1e-12)
+    assert len(grads) == len(wrt)
     for grad, ref in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref, rtol=1e-10, atol=1e-12)
 
@@ -389,15 +394,8 @@ def reorder_every_intermediate(monkeypatch):
 def test_reordered_intermediates_give_the_same_results(inline_engine, engine, equation, shapes, rng,
                                                        reorder_every_intermediate):
     ops = [rng.uniform(0.5, 1.5, s) for s in shapes]
-    wrt = list(range(len(ops)))
     with on_engine(engine, inline_engine):
-        out, saved = tn.forward(equation, *ops, tile=2)
-        grad_out = rng.uniform(-1, 1, out.shape)
-        grads = tn.backward(saved, grad_out, wrt=wrt)
-    ref_out, ref_grads = torch_grads(equation, ops, grad_out, wrt)
-    np.testing.assert_allclose(out, ref_out, rtol=1e-12)
-    for grad, ref in zip(grads, ref_grads):
-        np.testing.assert_allclose(grad, ref, rtol=1e-10, atol=1e-12)
+        _check_forward_backward_against_torch(equation, ops, list(range(len(ops))), 2, rng)
 
 
 def test_tt_layer_plan_reorders_its_large_intermediate_to_avoid_copies():
