@@ -120,7 +120,7 @@ def environment(rt=None) -> dict[str, Any]:
     """Where and with what a result was measured. ``rt`` (a lotus_rt runtime) adds the engine,
     policy and workers; without one (a parent that only starts subprocesses) they are None."""
     import lotus_rt
-    from lotus_rt import config, starpu
+    from lotus_rt import config, omp, starpu
 
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -140,8 +140,7 @@ def environment(rt=None) -> dict[str, Any]:
         "blas_threads": _blas_threads(),
         "env": config.starpu_env_report(),
         "lotus_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LOTUS_")},
-        "openmp_env": {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
-                       if k in os.environ},
+        "openmp_env": {k: os.environ[k] for k in omp.USER_VARIABLES + ("OMP_NUM_THREADS",) if k in os.environ},
     }
 
 

@@ -53,7 +53,7 @@ def _windows(shape_hw: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation
             yield i, j, (slice(p0, p1), slice(q0, q1)), (in_rows, in_columns)
 
 
-def _unfold(xp: Any, x: Any, cols: Any, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
+def _unfold(x: Any, cols: Any, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
     # Each kernel offset copies the part of the image it sees and zeroes the strips that fall in
     # the padding: no padded copy of the image is made.
     channels_first = x.swapaxes(0, 1)  # (c, n, h, w) view, cols' own order
@@ -81,12 +81,10 @@ def _fold(xp: Any, cols: Any, x: Any, kernel: Pair, stride: Pair, padding: Pair,
 
 
 def unfold_cpu(x, cols, *, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
-    _unfold(np, x, cols, kernel, stride, padding, dilation)
+    _unfold(x, cols, kernel, stride, padding, dilation)
 
 
-def unfold_gpu(x, cols, *, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
-    import cupy
-    _unfold(cupy, x, cols, kernel, stride, padding, dilation)
+unfold_gpu = unfold_cpu  # slices and assignments only: the same code works on CuPy arrays
 
 
 def fold_cpu(cols, x, *, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> None:
