@@ -316,7 +316,8 @@ double = rt.codelet("double", cpu=lambda x: np.multiply(x, 2, out=x))
 a = np.arange(4.0); h = rt.register(a)
 rt.submit(double, (h, "RW")); rt.wait()
 before = time.process_time(); time.sleep(0.4); idle_cpu = time.process_time() - before
-rt.submit(double, (h, "RW")); rt.wait()           # runs after a pause
+rt.submit(double, (h, "RW")).result()            # runs after a pause; no wait() this time
+before = time.process_time(); time.sleep(0.4); idle_cpu_no_wait = time.process_time() - before
 # a submit from another thread while this one waits must not be left paused
 def other():
     for _ in range(50):
@@ -327,25 +328,28 @@ for _ in range(50):
 t.join(); rt.wait()
 h.unregister()
 print("IDLE_CPU", round(idle_cpu, 3))
+print("IDLE_CPU_NO_WAIT", round(idle_cpu_no_wait, 3))
 print("VALUE", a[1])
 """
 
 
 @pytest.mark.parametrize("pause", ["1", "0"])
 def test_idle_workers_are_paused_between_waits(run_py, describe_proc, pause):
-    """With LOTUS_IDLE_PAUSE on, idle StarPU workers stop burning CPU after wait(); tasks
-    submitted afterwards (also from another thread during a wait) still run."""
+    """With LOTUS_IDLE_PAUSE on, idle StarPU workers stop burning CPU once their last task is
+    done, whether or not anything called wait(); tasks submitted afterwards (also from another
+    thread during a wait) still run."""
     if SKIP_REASON:
         pytest.skip(SKIP_REASON)
     proc = run_py(IDLE_CPU_CODE, {"LOTUS_IDLE_PAUSE": pause, "STARPU_NCPU": "2"}, timeout=60)
     assert proc.returncode == 0, describe_proc(proc)
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
     assert float(lines["VALUE"]) == 2.0 ** 52, describe_proc(proc)
-    idle_cpu = float(lines["IDLE_CPU"])
-    if pause == "1":
-        assert idle_cpu < 0.1, f"paused workers used {idle_cpu} s of CPU in 0.4 s"
-    else:  # two polling workers: close to 0.8 s of CPU time in 0.4 s, even on a busy machine
-        assert idle_cpu > 0.2, f"polling workers used only {idle_cpu} s of CPU in 0.4 s"
+    for label in ("IDLE_CPU", "IDLE_CPU_NO_WAIT"):
+        idle_cpu = float(lines[label])
+        if pause == "1":
+            assert idle_cpu < 0.1, f"{label}: paused workers used {idle_cpu} s of CPU in 0.4 s"
+        else:  # two polling workers: close to 0.8 s of CPU time in 0.4 s, even on a busy machine
+            assert idle_cpu > 0.2, f"{label}: polling workers used only {idle_cpu} s of CPU in 0.4 s"
 
 
 def test_tasks_held_after_a_pause_run_when_anything_waits_on_them(starpu_rt):

@@ -15,13 +15,14 @@ Python keeps only:
   ``wait()``, since unregistering blocks and must not run on a worker thread.
 - the idle pause (LOTUS_IDLE_PAUSE, on by default): StarPU's idle CPU workers poll at 100% CPU,
   which halves the speed of whatever else the process runs (torch between layers, the
-  optimizer). When ``wait()`` finds every task done and nothing was submitted meanwhile, the
-  workers are paused (``starpu_pause``). The tasks submitted next are held (StarPU queues
-  them) until ``START_BATCH`` of them are queued or anything waits on them (``wait``, a
-  Future, ``unregister``/``acquire``), then the workers resume: a burst of small submits runs
-  without the submitting thread and the workers taking the GIL from each other at every task.
-  ``_submitted`` counts submits so a wait racing a submit from another thread never pauses
-  that thread's task. CPU-only runs for now (see ``wait_all``).
+  optimizer) and, with a worker per core, keeps the thread returning from ``wait()`` off the
+  CPU for 2-4 ms until the kernel preempts a polling worker. So the C side counts outstanding
+  tasks and the completion callback of the last one pauses the workers (``starpu_pause``;
+  see "idle pause" in _shim.c). The tasks submitted next are held (StarPU queues them) until
+  ``START_BATCH`` of them are queued or anything waits on them (``wait``, a Future,
+  ``unregister``/``acquire``), then the workers resume: a burst of small submits runs without
+  the submitting thread and the workers taking the GIL from each other at every task.
+  CPU-only runs for now (see ``__init__``).
 
 Per-worker counts and busy time come from StarPU's profiling; per-task records come from a
 bounded ring filled by the C completion callback.
@@ -125,11 +126,9 @@ class StarPUEngine:
         self._lib.lotus_trace_configure(int(settings.trace), settings.trace_capacity)
         self._trace_capacity = settings.trace_capacity
         self._blas_limits = _limit_blas_threads(sum(kind == "cpu" for kind, _ in self.workers))
-        self._idle_pause = settings.idle_pause
-        self._pause_lock = threading.Lock()
-        self._paused = False
-        self._held = 0  # tasks submitted since the workers were paused
-        self._submitted = 0
+        # Not with CUDA workers yet: whether a paused CUDA worker still serves the transfers an
+        # unregister or acquire needs is untested (no GPU run so far).
+        self._lib.lotus_idle_pause_configure(int(settings.idle_pause and not self._pin), START_BATCH)
 
     def _worker_name(self, worker_id: int) -> str:
         buf = self._ffi.new("char[128]")
@@ -216,11 +215,6 @@ class StarPUEngine:
         handles = [h._ref for h in task.handles]  # cffi turns the lists into C arrays
         modes = [self._mode_ints[m] for m in task.modes]
         name = task.name.encode()
-        self._submitted += 1
-        if self._paused:
-            self._held += 1
-            if self._held >= START_BATCH:
-                self._resume()
         self._pending[task_id] = task
         try:
             rec = lib.lotus_submit(c_codelet, handles, modes, n, priority, name, task_id, fp)
@@ -268,30 +262,18 @@ class StarPUEngine:
         return self._lib.lotus_current_worker() >= 0
 
     def wait_all(self) -> None:
-        submitted = self._submitted
-        self.start_held_tasks()
-        ret = self._lib.lotus_wait_all()
+        ret = self._lib.lotus_wait_all()  # starts held tasks, and those submitted while it waits
         if ret != 0:
             raise RuntimeError(f"starpu_task_wait_for_all failed with {ret}")
         self._drain_orphans()
-        # Not with CUDA workers yet: whether a paused CUDA worker still serves the transfers an
-        # unregister or acquire needs is untested (no GPU run so far).
-        if self._idle_pause and not self._pin:
-            with self._pause_lock:
-                if not self._paused and self._submitted == submitted:
-                    self._lib.lotus_pause()
-                    self._paused = True
 
     def start_held_tasks(self) -> None:
-        if self._paused and self._held:
-            self._resume()
+        self._lib.lotus_start_held()
 
-    def _resume(self) -> None:
-        with self._pause_lock:
-            if self._paused:
-                self._paused = False
-                self._held = 0
-                self._lib.lotus_resume()
+    @property
+    def paused(self) -> bool:
+        """Whether the workers are paused (idle pause): the next tasks are held until a wait."""
+        return bool(self._lib.lotus_is_paused())
 
     def _drain_orphans(self) -> None:
         while self._orphans:
@@ -332,7 +314,7 @@ class StarPUEngine:
     def shutdown(self) -> None:
         global _active
         self.wait_all()
-        self._resume()
+        self._lib.lotus_idle_pause_configure(0, START_BATCH)  # resumes: starpu_shutdown needs the workers
         self._lib.lotus_shutdown()
         for c in self._codelets.values():
             self._lib.lotus_codelet_free(c)

@@ -13,8 +13,9 @@
  *                       lotus_py_exec(id, ptrs, n, kind, worker, stream) (cffi takes the GIL).
  *                       After the body returns, the rec is marked done and waiting futures
  *                       are woken (before StarPU releases the task's data to successors).
- *   lotus_task_done()   StarPU's completion callback, pure C: appends a trace record and
- *                       drops the task's reference.
+ *   lotus_task_done()   StarPU's completion callback, pure C: appends a trace record,
+ *                       drops the task's reference and, when it was the last outstanding
+ *                       task, pauses the idle workers (see "idle pause").
  *   lotus_rec_release() drops Python's reference; the rec is freed when both are gone.
  */
 #include <errno.h>
@@ -335,11 +336,93 @@ static void lotus_trace_push(struct lotus_rec *rec)
     pthread_mutex_unlock(&lotus_trace_mutex);
 }
 
+/* ---------------------------------------------------------------- idle pause
+ *
+ * This StarPU's CPU drivers poll their queues while idle (STARPU_NON_BLOCKING_DRIVERS). With
+ * a worker per core, a thread that wakes up next to them (the one returning from wait_all, a
+ * torch op) waits for the kernel to preempt a polling worker: 2-4 ms on 2 cores. So when
+ * auto-pause is on, the completion callback of the last outstanding task pauses the workers
+ * (they sleep in StarPU's _starpu_may_pause). Tasks submitted while paused are held by StarPU
+ * until lotus_start_held() or lotus_wait_all() runs, or until `batch` of them are queued.
+ * starpu_pause() is a plain increment, so every pause and resume goes through
+ * lotus_pause_mutex. */
+static pthread_mutex_t lotus_pause_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int lotus_autopause = 0;
+static int lotus_paused = 0;
+static long lotus_outstanding = 0;  /* tasks submitted through lotus_submit, not yet completed */
+static long lotus_held = 0;         /* tasks submitted since the workers were paused */
+static long lotus_batch = 64;
+static int lotus_waiting_all = 0;   /* threads inside lotus_wait_all */
+
+static void lotus_resume_locked(void)
+{
+    if (lotus_paused) {
+        lotus_paused = 0;
+        lotus_held = 0;
+        starpu_resume();
+    }
+}
+
+static void lotus_pause_locked(void)
+{
+    if (!lotus_paused) {
+        starpu_pause();
+        lotus_paused = 1;
+        lotus_held = 0;
+    }
+}
+
+/* enabled: pause whenever no task is outstanding (and now, if none is); off: resume for good. */
+static void lotus_idle_pause_configure(int enabled, long batch)
+{
+    pthread_mutex_lock(&lotus_pause_mutex);
+    lotus_autopause = enabled;
+    lotus_batch = batch > 0 ? batch : 1;
+    if (!enabled) lotus_resume_locked();
+    else if (lotus_outstanding == 0) lotus_pause_locked();
+    pthread_mutex_unlock(&lotus_pause_mutex);
+}
+
+/* Someone waits on tasks (wait_all, a future, unregister, acquire): held tasks must run. */
+static void lotus_start_held(void)
+{
+    pthread_mutex_lock(&lotus_pause_mutex);
+    if (lotus_held) lotus_resume_locked();
+    pthread_mutex_unlock(&lotus_pause_mutex);
+}
+
+static int lotus_is_paused(void)
+{
+    int paused;
+    pthread_mutex_lock(&lotus_pause_mutex);
+    paused = lotus_paused;
+    pthread_mutex_unlock(&lotus_pause_mutex);
+    return paused;
+}
+
+/* A task submitted while another thread is inside lotus_wait_all must not be held: that
+ * wait would never end. */
+static void lotus_count_submit(void)
+{
+    pthread_mutex_lock(&lotus_pause_mutex);
+    lotus_outstanding++;
+    if (lotus_paused && (++lotus_held >= lotus_batch || lotus_waiting_all)) lotus_resume_locked();
+    pthread_mutex_unlock(&lotus_pause_mutex);
+}
+
+static void lotus_count_done(void)
+{
+    pthread_mutex_lock(&lotus_pause_mutex);
+    if (--lotus_outstanding == 0 && lotus_autopause) lotus_pause_locked();
+    pthread_mutex_unlock(&lotus_pause_mutex);
+}
+
 static void lotus_task_done(void *arg)
 {
     struct lotus_rec *rec = (struct lotus_rec *)arg;
     lotus_trace_push(rec);
     lotus_rec_release(rec);
+    lotus_count_done();
 }
 
 static __thread int lotus_submit_error = 0;
@@ -378,8 +461,10 @@ static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, i
     task->callback_arg = rec;
     task->priority = priority;
     task->name = rec->name;
+    lotus_count_submit();
     ret = starpu_task_submit(task);
     if (ret != 0) {
+        lotus_count_done();
         task->destroy = 0;
         starpu_task_destroy(task);
         free(rec);
@@ -416,12 +501,19 @@ static int lotus_rec_wait(struct lotus_rec *rec, double timeout_s)
     return done;
 }
 
-static int lotus_wait_all(void) { return starpu_task_wait_for_all(); }
-
-/* Idle workers of a StarPU built without blocking drivers poll their queues at 100% CPU;
- * pausing them between bursts of tasks gives the cores back to the rest of the process. */
-static void lotus_pause(void) { starpu_pause(); }
-static void lotus_resume(void) { starpu_resume(); }
+static int lotus_wait_all(void)
+{
+    int ret;
+    pthread_mutex_lock(&lotus_pause_mutex);
+    lotus_waiting_all++;
+    if (lotus_held) lotus_resume_locked();
+    pthread_mutex_unlock(&lotus_pause_mutex);
+    ret = starpu_task_wait_for_all();
+    pthread_mutex_lock(&lotus_pause_mutex);
+    lotus_waiting_all--;
+    pthread_mutex_unlock(&lotus_pause_mutex);
+    return ret;
+}
 
 /* ---------------------------------------------------------------- trace ring */
 
