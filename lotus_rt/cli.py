@@ -21,7 +21,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from lotus_rt import omp
+from lotus_rt import heap, omp
 from lotus_rt.errors import ConfigError
 
 
@@ -97,6 +97,7 @@ def info() -> int:
     for name, value in config.starpu_env_report().items():
         print(f"  {name}={value}")
     print(f"OpenMP spin (torch's threads beside StarPU's workers): {omp.report()}")
+    print(f"Heap (freed memory kept for the next step): {heap.report()}")
     return 0
 
 

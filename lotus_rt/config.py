@@ -17,6 +17,7 @@ from lotus_rt.errors import ConfigError
 
 ENGINES = ("starpu", "inline")
 FUSE_MODES = ("auto", "on", "off")
+HEAP_MODES = ("keep", "system")  # lotus_rt/heap.py: keep freed memory for reuse, or glibc's defaults
 # GEMM precision of the GPU bodies (kernels/precision.py); "auto": tf32 on GPUs with Tensor Cores
 # (compute capability >= 8.0), else fp32. CPU bodies always compute in the operands' dtype.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -51,6 +52,7 @@ class Settings:
     trace_file: str | None = None  # written at shutdown: .json (Chrome trace) or .png (Gantt)
     fuse: str = "auto"  # small layers as one forward and one backward task: auto, on, off
     precision: str = "auto"  # GPU GEMMs of float32 data: auto or one of PRECISIONS
+    heap: str = "keep"  # allocator thresholds fixed at runtime start (heap.py), or "system"
 
 
 TRACE_FILE_SUFFIXES = (".json", ".png")
@@ -117,6 +119,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         trace_file=_trace_file(env),
         fuse=_choice(env, "LOTUS_FUSE", FUSE_MODES) or Settings.fuse,
         precision=read_precision(env),
+        heap=_choice(env, "LOTUS_HEAP", HEAP_MODES) or Settings.heap,
     )
 
 
@@ -179,5 +182,6 @@ def lotus_env_report(settings: Settings, env: Mapping[str, str] | None = None) -
         "LOTUS_FUSE": settings.fuse,
         "LOTUS_PRECISION": settings.precision if settings.precision != "auto" else
         "auto (GPU GEMMs: tf32 with compute capability >= 8.0, else fp32)",
+        "LOTUS_HEAP": settings.heap,
     }
     return {name: value + ("" if name in env else " (default)") for name, value in in_force.items()}

@@ -99,10 +99,11 @@ def test_info_reports_runtime_models_and_every_setting(tmp_path):
     assert f"performance models: {tmp_path}" in text
     assert "contract_pair" in text and "task sizes calibrated" in text  # dmda measured the tiles
     for name in ("LOTUS_ENGINE", "LOTUS_TRACE", "LOTUS_TRACE_CAPACITY", "LOTUS_TRACE_FILE", "LOTUS_OPTIMIZE",
-                 "LOTUS_TILE", "LOTUS_IDLE_PAUSE", "LOTUS_FUSE", "LOTUS_PRECISION"):
+                 "LOTUS_TILE", "LOTUS_IDLE_PAUSE", "LOTUS_FUSE", "LOTUS_PRECISION", "LOTUS_HEAP"):
         assert f"  {name}=" in text, name
     assert "LOTUS_TILE=16\n" in text and "LOTUS_OPTIMIZE=auto (default)" in text
     assert "STARPU_SCHED=dmda" in text
+    assert "Heap (freed memory kept for the next step): glibc keeps freed memory" in text
 
 
 def test_info_with_a_bad_setting_is_one_clear_error():

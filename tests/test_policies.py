@@ -253,9 +253,10 @@ def test_bad_starpu_env_is_a_config_error_before_any_task(run_py, describe_proc,
     ({"LOTUS_TRACE_CAPACITY": "lots"}, ["LOTUS_TRACE_CAPACITY", "'lots'"]),
     ({"LOTUS_IDLE_PAUSE": "sometimes"}, ["LOTUS_IDLE_PAUSE", "'sometimes'", "valid values"]),
     ({"LOTUS_FUSE": "maybe"}, ["LOTUS_FUSE", "'maybe'", "auto, on, off"]),
+    ({"LOTUS_HEAP": "jemalloc"}, ["LOTUS_HEAP", "'jemalloc'", "keep, system"]),
     ({"LOTUS_TRACE_FILE": "t.txt"}, ["LOTUS_TRACE_FILE", "'t.txt'", ".json or .png"]),
 ], ids=["engine_bogus", "trace_maybe", "capacity_zero", "capacity_text", "idle_pause_bad", "fuse_bad",
-        "trace_file_bad"])
+        "heap_bad", "trace_file_bad"])
 def test_bad_lotus_env_is_a_config_error(run_py, describe_proc, env, words):
     proc, lines = _run_config(run_py, env)
     assert proc.returncode == 0, describe_proc(proc)
@@ -374,3 +375,41 @@ def test_tasks_held_after_a_pause_run_when_anything_waits_on_them(starpu_rt):
     starpu_rt.wait()
     starpu_rt.submit(double, (h, "RW"))
     assert h.unregister()[0] == 16.0
+
+
+# ---------------------------------------------------------------------- heap
+
+HEAP_CODE = r"""
+import resource
+import numpy as np
+import lotus_rt
+from lotus_rt import heap
+lotus_rt.runtime()
+faults = []
+for _ in range(3):   # what one training step does with its large arrays: allocate, fill, free
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.empty(24 * 2**20 // 8); a.fill(1.5); del a
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("FAULTS", *faults)
+print("REPORT", heap.report())
+"""
+
+
+def test_heap_keep_reuses_freed_memory_without_page_faults(run_py, describe_proc):
+    """LOTUS_HEAP=keep (the default): a 24 MB array freed and allocated again reuses the heap's
+    pages; only the first allocation faults pages in."""
+    proc = run_py(HEAP_CODE, {"LOTUS_ENGINE": "inline"}, timeout=60)
+    assert proc.returncode == 0, describe_proc(proc)
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    first, *later = (int(v) for v in lines["FAULTS"].split())
+    assert first > 0 and max(later) <= first // 4, describe_proc(proc)
+    assert "glibc keeps freed memory" in lines["REPORT"], describe_proc(proc)
+
+
+def test_heap_setting_leaves_a_users_allocator_choice_alone(run_py, describe_proc):
+    proc = run_py(HEAP_CODE, {"LOTUS_ENGINE": "inline", "MALLOC_TRIM_THRESHOLD_": "1000000"}, timeout=60)
+    assert proc.returncode == 0, describe_proc(proc)
+    assert "REPORT the user's: MALLOC_TRIM_THRESHOLD_=1000000" in proc.stdout, describe_proc(proc)
+    proc = run_py(HEAP_CODE, {"LOTUS_ENGINE": "inline", "LOTUS_HEAP": "system"}, timeout=60)
+    assert proc.returncode == 0, describe_proc(proc)
+    assert "REPORT glibc's defaults" in proc.stdout, describe_proc(proc)

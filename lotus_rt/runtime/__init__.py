@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lotus_rt import config
+from lotus_rt import config, heap
 from lotus_rt.errors import StarPUUnavailable
 from lotus_rt.runtime.core import (Codelet, ErrorLog, Future, Handle, Task, TaskRecord, WorkerStats,
                                    check_priority, parse_accesses, raise_collected, task_name,
@@ -40,6 +40,8 @@ class Runtime:
 
     def __init__(self, settings: config.Settings | None = None):
         settings = config.read_settings() if settings is None else settings
+        if settings.heap == "keep":
+            heap.keep_freed_memory()
         self._errors = ErrorLog()
         self._trace_file = settings.trace_file
         self._engine = self._start_engine(settings)
