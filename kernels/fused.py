@@ -91,7 +91,7 @@ def _conv_kwargs(geometry: tuple | None) -> dict | None:
 
 def _unfold(xp: Any, h: Any, conv_kwargs: dict) -> Any:
     cols = xp.empty(conv_kernels.columns_shape(h.shape, **conv_kwargs), h.dtype)
-    conv_kernels._unfold(h, cols, **conv_kwargs)
+    conv_kernels._unfold(xp, h, cols, **conv_kwargs)
     return cols
 
 

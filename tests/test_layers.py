@@ -196,23 +196,46 @@ def test_batch_tiles_follow_the_work_and_lotus_tile():
     (3, 1, 1),                 # stride larger than the kernel's height reach
     (1, (4, 3), 1),            # padding wider than the kernel: some offsets see only padding
     ((2, 1), (3, 1), (2, 3)),  # everything at once
+    # stride 1 and output size == input size: the flat-shift path
+    (1, 1, 1), (1, 1, (1, 2)), (1, (2, 1), 2),
 ])
-def test_unfold_matches_torch_and_fold_is_its_adjoint(stride, padding, dilation, rng):
+@pytest.mark.parametrize("kernel", [(3, 2), (3, 3)])
+def test_unfold_matches_torch_and_fold_is_its_adjoint(kernel, stride, padding, dilation, rng):
     from lotus_rt.nn import functional
     from lotus_rt.kernels import conv as conv_kernels
-    geometry = functional.ConvGeometry((3, 2), *((v, v) if isinstance(v, int) else v
+    geometry = functional.ConvGeometry(kernel, *((v, v) if isinstance(v, int) else v
                                                  for v in (stride, padding, dilation)))
     x = rng.standard_normal((2, 3, 7, 8))
+    try:
+        geometry.output_hw(7, 8)
+    except ValueError:
+        pytest.skip(f"kernel {kernel} does not fit a 7x8 image with this geometry")
     cols = np.full(functional.unfolded_shape(x.shape, geometry), np.nan)  # every element must be written
     conv_kernels.unfold_cpu(x, cols, **geometry.kwargs())
     c, kh, kw, n, ho, wo = cols.shape
-    reference = F.unfold(torch.from_numpy(x), (3, 2), dilation=geometry.dilation, padding=geometry.padding,
+    reference = F.unfold(torch.from_numpy(x), kernel, dilation=geometry.dilation, padding=geometry.padding,
                          stride=geometry.stride).numpy()  # (n, c*kh*kw, ho*wo)
     assert np.allclose(cols.transpose(3, 0, 1, 2, 4, 5).reshape(n, c * kh * kw, ho * wo), reference)
     g = rng.standard_normal(cols.shape)
     folded = np.full_like(x, np.nan)
     conv_kernels.fold_cpu(g, folded, **geometry.kwargs())
     assert np.isclose(np.vdot(cols, g), np.vdot(x, folded))
+
+
+def test_flat_shift_path_is_taken_exactly_for_same_size_stride_one_geometries():
+    from lotus_rt.kernels import conv as conv_kernels
+
+    def flat(kernel, stride, padding, dilation, hw=(7, 8)):
+        out_hw = tuple(conv_kernels.output_size(n, k, s, p, d)
+                       for n, k, s, p, d in zip(hw, kernel, stride, padding, dilation))
+        return conv_kernels._flat_shifts(hw, out_hw, kernel, stride, padding, dilation) is not None
+
+    assert flat((3, 3), (1, 1), (1, 1), (1, 1))           # the layers' 3x3 "same" convolution
+    assert flat((3, 2), (1, 1), (1, 1), (1, 2))
+    assert flat((3, 3), (1, 1), (2, 1), (2, 1))
+    assert not flat((3, 3), (1, 1), (0, 0), (1, 1))       # "valid": the image shrinks
+    assert not flat((3, 3), (2, 2), (1, 1), (1, 1))       # strided
+    assert not flat((3, 3), (1, 1), (2, 2), (1, 1))       # the image grows
 
 
 def test_tensorize_with_vbmf_ranks_handles_convolutions_and_linears():
