@@ -19,6 +19,7 @@ The same code serves NumPy (CPU) and CuPy (GPU) through the array module ``xp``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -70,9 +71,10 @@ def _flat_shifts(shape_hw: Pair, out_hw: Pair, kernel: Pair, stride: Pair, paddi
             for i in range(kernel[0]) for j in range(kernel[1])]
 
 
+@functools.lru_cache(maxsize=256)
 def _valid_mask(xp: Any, hw: Pair, oy: int, ox: int, dtype: Any) -> Any | None:
     """(h*w,) 0/1 mask of the output positions whose input position (p+oy, q+ox) is inside the
-    image; None when all are."""
+    image; None when all are. Cached: callers only read it."""
     h, w = hw
     p0, p1, q0, q1 = max(0, -oy), min(h, h - oy), max(0, -ox), min(w, w - ox)
     if (p0, p1, q0, q1) == (0, h, 0, w):
@@ -83,8 +85,11 @@ def _valid_mask(xp: Any, hw: Pair, oy: int, ox: int, dtype: Any) -> Any | None:
 
 
 def _padded_flat(xp: Any, c: int, length: int, margin: int, dtype: Any) -> tuple[Any, Any]:
-    """A zeroed (c, length + 2*margin) buffer and its (c, length) middle."""
-    big = xp.zeros((c, length + 2 * margin), dtype)
+    """A (c, length + 2*margin) buffer with zeroed margins, and its (c, length) middle (not
+    initialised)."""
+    big = xp.empty((c, length + 2 * margin), dtype)
+    big[:, :margin] = 0
+    big[:, margin + length:] = 0
     return big, big[:, margin:margin + length]
 
 
@@ -93,7 +98,7 @@ def _flat_unfold(xp: Any, x: Any, cols: Any, shifts: list[tuple[int, int, int, i
     length = n * h * w
     margin = max(abs(oy * w + ox) for _, _, oy, ox in shifts)
     big, middle = _padded_flat(xp, c, length, margin, x.dtype)
-    middle.reshape(c, n, h, w)[...] = x.swapaxes(0, 1)  # channel-major copy, zero margins
+    middle.reshape(c, n, h, w)[...] = x.swapaxes(0, 1)  # channel-major copy between zero margins
     for i, j, oy, ox in shifts:
         start = margin + oy * w + ox
         source = big[:, start:start + length].reshape(c, n, h * w)
@@ -110,6 +115,7 @@ def _flat_fold(xp: Any, cols: Any, x: Any, shifts: list[tuple[int, int, int, int
     length = n * h * w
     margin = max(abs(oy * w + ox) for _, _, oy, ox in shifts)
     big, middle = _padded_flat(xp, c, length, margin, x.dtype)
+    middle[...] = 0
     masked = xp.empty((c, n, h * w), x.dtype)
     for i, j, oy, ox in shifts:
         start = margin + oy * w + ox
