@@ -8,6 +8,7 @@ future and on the runtime's error list, so that it surfaces from ``future.result
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import zlib
@@ -67,7 +68,7 @@ class Handle:
         self.temporary = shape is not None
         self.shape = tuple(shape) if self.temporary else array.shape
         self.dtype = np.dtype(dtype) if self.temporary else array.dtype
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
         self.key = f"{self.dtype.str}{self.shape}"
         self._ref = ref
         self._registered = True

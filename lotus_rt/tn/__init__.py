@@ -74,15 +74,38 @@ def _plan(equation: str, arrays: list[np.ndarray], optimize: str | None, tile: i
     return _plan_shapes(equation, [a.shape for a in arrays], [a.dtype for a in arrays], optimize, tile, rt)
 
 
+# (equation, shapes, dtypes, optimizer, tile, workers) -> Plan: a layer asks for the same few
+# plans at every call, and skipping ``parse`` here saves most of a lookup's cost.
+_plans: dict[tuple, Plan] = {}
+_PLANS_LIMIT = 1024
+
+
 def _plan_shapes(equation: str, shapes: list[tuple[int, ...]], dtypes: list[np.dtype],
                  optimize: str | None, tile: int | None, rt: Runtime) -> Plan:
-    settings = config.read_settings()
+    if optimize is None or tile is None:
+        settings = config.read_settings()
+        optimize = settings.optimize if optimize is None else optimize
+        tile = settings.tile if tile is None else tile
+    nworkers = max(1, len(rt.workers))
+    try:
+        # type(tile): True and 2.0 equal 1 and 2 as keys, but build_plan must get to refuse them
+        key = (equation, tuple(map(tuple, shapes)), tuple(np.dtype(d).str for d in dtypes), optimize,
+               tile, type(tile), nworkers)
+        cached = _plans.get(key)
+    except TypeError:  # unhashable or odd arguments: parse() explains what is wrong
+        key = cached = None
+    if cached is not None:
+        return cached
     net = parse(equation, shapes, dtypes)
-    optimize = settings.optimize if optimize is None else optimize
     if optimize not in config.path_optimizers():
         raise ValueError(f"einsum: unknown path optimizer {optimize!r}; valid: "
                          f"{', '.join(config.path_optimizers())}")
-    return build_plan(net, optimize, settings.tile if tile is None else tile, max(1, len(rt.workers)))
+    plan_ = build_plan(net, optimize, tile, nworkers)
+    if key is not None:
+        if len(_plans) >= _PLANS_LIMIT:
+            _plans.clear()
+        _plans[key] = plan_
+    return plan_
 
 
 class Saved:
