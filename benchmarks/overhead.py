@@ -5,6 +5,8 @@ Runs every variant side by side in one process, repeats each (warm-up, then the 
 
 - independent: N empty tasks with no data, submitted then waited for (µs per task);
 - chain: N empty-bodied tasks all accessing one handle in RW (µs per task);
+- wait latency: how long ``wait()`` takes to return after the last task of a burst ended
+  (16 ~1 ms GEMM tasks on every worker; the end comes from ``trace()``, the same clock), in ms;
 - gemm: a tiled GEMM DAG (``common.gemm_workload``: registering, running and unregistering
   the tiles) vs one numpy matmul on the same number of BLAS threads as there are StarPU CPU
   workers, in interleaved rounds; the ratio numpy_time / dag_time is per round (> 1 means the
@@ -52,6 +54,30 @@ def chain_tasks(rt, n: int) -> float:
     elapsed = time.perf_counter() - start
     handle.unregister()
     return elapsed / n * 1e6
+
+
+def wait_latency(rt, bursts: int) -> list[float]:
+    """Per burst of 16 GEMM tasks: ms from the end of its last task to ``wait()`` returning."""
+    lib = getattr(rt._engine, "_lib", None)
+    if lib is None:  # the inline engine runs tasks at submit: nothing to wait for
+        return []
+    t0_us = rt._engine._t0_us
+    matmul = rt.codelet("bench_matmul", cpu=lambda a, b, c: np.matmul(a, b, out=c))
+    arrays = [np.random.default_rng(k).random((300, 300), dtype=np.float32) for k in range(3)]
+    inputs = [rt.register(a) for a in arrays]
+    outputs = [rt.register(np.empty((300, 300), np.float32)) for _ in range(8)]
+    latencies = []
+    for _ in range(bursts):
+        rt.trace(clear=True)
+        for k in range(16):
+            rt.submit(matmul, (inputs[k % 3], "R"), (inputs[(k + 1) % 3], "R"), (outputs[k % 8], "W"))
+        rt.wait()
+        returned_ms = (lib.lotus_now_us() - t0_us) / 1e3
+        latencies.append(returned_ms - max(r.end_s for r in rt.trace()) * 1e3)
+        time.sleep(0.002)  # let the next burst start from paused workers, like a layer's next pass
+    for h in inputs + outputs:
+        h.unregister()
+    return latencies
 
 
 def gemm_versus_numpy(rt, size: int, tile: int, repeats: int) -> dict:
@@ -108,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     independent_tasks(rt, 1000), chain_tasks(rt, 1000)  # warm-up
     indep = [independent_tasks(rt, tasks) for _ in range(repeats)]
     chain = [chain_tasks(rt, tasks) for _ in range(repeats)]
+    latency = wait_latency(rt, 10 if q else 40)
     gemm = gemm_versus_numpy(rt, size, tile, repeats)
 
     result = {
@@ -115,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"tasks": tasks, "repeats": repeats},
         "independent_us_per_task": common.median_spread(indep),
         "chain_us_per_task": common.median_spread(chain),
+        "wait_latency_ms": common.median_spread(latency) if latency else None,
         "gemm": gemm,
     }
     path = common.write_result(args.out, "overhead", q, result)
@@ -126,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("dependent chain task  ", "chain_us_per_task")):
         s = result[key]
         print(f"{label}: {s['median']:6.2f} us/task (min {s['min']:.2f}, max {s['max']:.2f})")
+    if latency:
+        s = result["wait_latency_ms"]
+        print(f"wait() returns {s['median']:.3f} ms after the last task ends (min {s['min']:.3f}, max {s['max']:.3f})")
     print(f"tiled GEMM {size}^2 tile {tile}: DAG {gemm['dag_s']['median']:.3f} s, numpy "
           f"{gemm['numpy_s']['median']:.3f} s, numpy/DAG = {gemm['numpy_over_dag']['median']:.2f}x "
           f"(max rel error {gemm['max_rel_error']:.1e})")
