@@ -11,8 +11,8 @@ each offset touches only the window that falls inside the image (no padded copy 
 Flat shifts. When the convolution has stride 1 and keeps the image size ("same": e.g. 3x3 with
 padding 1), kernel offset (i, j) is a shift of the whole channel-major image (n, h, w) flattened
 to one axis, by ``(i*d_h - p_h) * w + (j*d_w - p_w)`` elements: unfold and fold then move each
-channel as one long contiguous run instead of n*h short rows of w, 2-4x faster at 16x16 images
-(benchmarks/RESULTS.md). The elements a shift carries across a row or sample border are the
+channel as one long contiguous run instead of n*h short rows of w (at 16x16 images on one
+thread: fold about 2.2x, unfold about 1.3x faster; benchmarks/RESULTS.md). The elements a shift carries across a row or sample border are the
 ones that fall in the padding; a 0/1 mask over (h, w) zeroes them (exact, no subtraction).
 
 The same code serves NumPy (CPU) and CuPy (GPU) through the array module ``xp``.

@@ -5,9 +5,9 @@ temporaries for intermediates) and free them when the step ends. glibc serves an
 above its mmap threshold with a fresh mmap and gives a freed heap top back to the kernel above
 its trim threshold; both thresholds move with the process's history. When they end up low,
 each step touches fresh pages: on the 2-core CPU machine one Tucker-2 training step took 640 to
-2000 minor page faults on lotus_rt and 0 to 4300 on the same torch layers, depending only on
-the process's allocation history, and the faulting runs were up to 1.5x slower
-(benchmarks/RESULTS.md).
+2000 minor page faults on lotus_rt and 0 or 4300 on the same torch layers, depending only on
+the process's allocation history; with the thresholds fixed, under one per step on both
+(benchmarks/RESULTS.md: the torch/lotus_rt ratios did not move, both sides gained).
 
 ``keep_freed_memory()`` fixes both thresholds with ``mallopt``: allocations up to
 ``MMAP_THRESHOLD`` come from the heap, and up to ``TRIM_THRESHOLD`` of free heap is kept for

@@ -270,11 +270,6 @@ class StarPUEngine:
     def start_held_tasks(self) -> None:
         self._lib.lotus_start_held()
 
-    @property
-    def paused(self) -> bool:
-        """Whether the workers are paused (idle pause): the next tasks are held until a wait."""
-        return bool(self._lib.lotus_is_paused())
-
     def _drain_orphans(self) -> None:
         while self._orphans:
             ref, array = self._orphans.pop()

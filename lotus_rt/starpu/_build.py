@@ -75,7 +75,6 @@ void lotus_rec_release(lotus_rec *rec);
 int lotus_wait_all(void);
 void lotus_idle_pause_configure(int enabled, long batch);
 void lotus_start_held(void);
-int lotus_is_paused(void);
 
 int lotus_trace_configure(int enabled, size_t capacity);
 uint64_t lotus_trace_read(struct lotus_trace_entry *out, size_t max, size_t *copied);

@@ -391,15 +391,6 @@ static void lotus_start_held(void)
     pthread_mutex_unlock(&lotus_pause_mutex);
 }
 
-static int lotus_is_paused(void)
-{
-    int paused;
-    pthread_mutex_lock(&lotus_pause_mutex);
-    paused = lotus_paused;
-    pthread_mutex_unlock(&lotus_pause_mutex);
-    return paused;
-}
-
 /* A task submitted while another thread is inside lotus_wait_all must not be held: that
  * wait would never end. */
 static void lotus_count_submit(void)
