@@ -413,3 +413,46 @@ def test_heap_setting_leaves_a_users_allocator_choice_alone(run_py, describe_pro
     proc = run_py(HEAP_CODE, {"LOTUS_ENGINE": "inline", "LOTUS_HEAP": "system"}, timeout=60)
     assert proc.returncode == 0, describe_proc(proc)
     assert "REPORT glibc's defaults" in proc.stdout, describe_proc(proc)
+
+
+def test_threads_mixing_submits_futures_and_waits_never_hang_or_lose_a_task(starpu_rt):
+    """The idle pause holds tasks submitted while the workers are paused: whatever mix of submits,
+    future waits and wait() calls four threads make, every task runs exactly once and nothing
+    waits forever (a held task with nobody left to start it would hang a join)."""
+    import random
+    import threading
+
+    inc = starpu_rt.codelet("inc", cpu=lambda x: np.add(x, 1, out=x))
+    arrays = [np.zeros(4) for _ in range(4)]
+    handles = [starpu_rt.register(a) for a in arrays]
+    counts = [0] * 4
+    lock = threading.Lock()
+    errors = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(800):
+                j = rng.randrange(4)
+                future = starpu_rt.submit(inc, (handles[j], "RW"))
+                with lock:
+                    counts[j] += 1
+                r = rng.random()
+                if r < 0.3:
+                    future.result(timeout=30)
+                elif r < 0.4:
+                    starpu_rt.wait()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck: a held task was never started"
+    assert not errors, errors
+    starpu_rt.wait()
+    for h in handles:
+        h.unregister()
+    assert [a[0] for a in arrays] == counts
