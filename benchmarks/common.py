@@ -38,6 +38,10 @@ OUT_DIR = REPO_ROOT / "benchmarks" / "out"
 # max |out - ref| / max |ref| allowed against a float64 NumPy reference
 MAX_REL_ERROR = {"float32": 1e-4, "float64": 1e-10}
 SETTLE_S = 0.02  # untimed pause after each timed call (StarPU/BLAS threads calm down)
+# With ``interleaved(warm=True)``: untimed calls for at least this long before a timed one. On the
+# 2-core VM one untimed call was not enough after a settle sleep: torch.einsum (CP network) took
+# 5.6-7.5 ms as the first-but-one call after 20-50 ms idle and 1.3 ms after 5+ ms of calls.
+WARM_S = 0.01
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -71,9 +75,10 @@ def interleaved(variants: Mapping[str, Callable[[], float]], repeats: int,
     """``repeats`` rounds, each calling every variant once (order rotated per round).
 
     Each variant returns the seconds of its timed region. ``settle_s`` (per variant or for all)
-    is slept, untimed, after each call. ``warm``: each timed call follows an untimed one of the
-    same variant, so that thread pools that went to sleep during the settle (torch's, OpenBLAS's)
-    are awake again: the time is that of a call in a loop, not of the first after a pause.
+    is slept, untimed, after each call. ``warm``: each timed call follows untimed calls of the
+    same variant (at least one, for at least WARM_S), so that thread pools that went to sleep
+    during the settle (torch's, OpenBLAS's) and the idle cores are awake again: the time is
+    that of a call in a loop, not of the first after a pause.
     """
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -81,7 +86,10 @@ def interleaved(variants: Mapping[str, Callable[[], float]], repeats: int,
         k = rep % len(names)
         for name in names[k:] + names[:k]:
             if warm:
+                start = time.perf_counter()
                 variants[name]()
+                while time.perf_counter() - start < WARM_S:
+                    variants[name]()
             times[name].append(variants[name]())
             time.sleep(settle_s[name] if isinstance(settle_s, Mapping) else settle_s)
     return times
