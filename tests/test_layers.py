@@ -206,10 +206,6 @@ def test_unfold_matches_torch_and_fold_is_its_adjoint(kernel, stride, padding, d
     geometry = functional.ConvGeometry(kernel, *((v, v) if isinstance(v, int) else v
                                                  for v in (stride, padding, dilation)))
     x = rng.standard_normal((2, 3, 7, 8))
-    try:
-        geometry.output_hw(7, 8)
-    except ValueError:
-        pytest.skip(f"kernel {kernel} does not fit a 7x8 image with this geometry")
     cols = np.full(functional.unfolded_shape(x.shape, geometry), np.nan)  # every element must be written
     conv_kernels.unfold_cpu(x, cols, **geometry.kwargs())
     c, kh, kw, n, ho, wo = cols.shape
