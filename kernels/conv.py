@@ -12,8 +12,9 @@ Flat shifts. When the convolution has stride 1 and keeps the image size ("same":
 padding 1), kernel offset (i, j) is a shift of the whole channel-major image (n, h, w) flattened
 to one axis, by ``(i*d_h - p_h) * w + (j*d_w - p_w)`` elements: unfold and fold then move each
 channel as one long contiguous run instead of n*h short rows of w (at 16x16 images on one
-thread: fold about 2.2x, unfold about 1.3x faster; benchmarks/RESULTS.md). The elements a shift carries across a row or sample border are the
-ones that fall in the padding; a 0/1 mask over (h, w) zeroes them (exact, no subtraction).
+thread: fold about 2.2x, unfold about 1.3x faster; benchmarks/RESULTS.md). The elements a shift
+carries across a row or sample border are the ones that fall in the padding; a 0/1 mask over
+(h, w) zeroes them (exact, no subtraction).
 
 The same code serves NumPy (CPU) and CuPy (GPU) through the array module ``xp``.
 """
@@ -84,20 +85,23 @@ def _valid_mask(xp: Any, hw: Pair, oy: int, ox: int, dtype: Any) -> Any | None:
     return mask.reshape(h * w)
 
 
-def _padded_flat(xp: Any, c: int, length: int, margin: int, dtype: Any) -> tuple[Any, Any]:
-    """A (c, length + 2*margin) buffer with zeroed margins, and its (c, length) middle (not
-    initialised)."""
+def _padded_flat(xp: Any, image_shape: tuple[int, ...], shifts: list[tuple[int, int, int, int]],
+                 dtype: Any) -> tuple[Any, Any, int]:
+    """For an (n, c, h, w) image: a (c, n*h*w + 2*margin) buffer with zeroed margins wide enough
+    for every shift, its (c, n*h*w) middle (not initialised), and the margin."""
+    n, c, h, w = image_shape
+    length = n * h * w
+    margin = max(abs(oy * w + ox) for _, _, oy, ox in shifts)
     big = xp.empty((c, length + 2 * margin), dtype)
     big[:, :margin] = 0
     big[:, margin + length:] = 0
-    return big, big[:, margin:margin + length]
+    return big, big[:, margin:margin + length], margin
 
 
 def _flat_unfold(xp: Any, x: Any, cols: Any, shifts: list[tuple[int, int, int, int]]) -> None:
     n, c, h, w = x.shape
     length = n * h * w
-    margin = max(abs(oy * w + ox) for _, _, oy, ox in shifts)
-    big, middle = _padded_flat(xp, c, length, margin, x.dtype)
+    big, middle, margin = _padded_flat(xp, x.shape, shifts, x.dtype)
     middle.reshape(c, n, h, w)[...] = x.swapaxes(0, 1)  # channel-major copy between zero margins
     for i, j, oy, ox in shifts:
         start = margin + oy * w + ox
@@ -113,8 +117,7 @@ def _flat_unfold(xp: Any, x: Any, cols: Any, shifts: list[tuple[int, int, int, i
 def _flat_fold(xp: Any, cols: Any, x: Any, shifts: list[tuple[int, int, int, int]]) -> None:
     n, c, h, w = x.shape
     length = n * h * w
-    margin = max(abs(oy * w + ox) for _, _, oy, ox in shifts)
-    big, middle = _padded_flat(xp, c, length, margin, x.dtype)
+    big, middle, margin = _padded_flat(xp, x.shape, shifts, x.dtype)
     middle[...] = 0
     masked = xp.empty((c, n, h * w), x.dtype)
     for i, j, oy, ox in shifts:
