@@ -2,6 +2,8 @@
 whole-model offload equivalence, and a short training run that lowers the loss."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -161,9 +163,9 @@ def test_from_conv_with_vbmf_ranks():
 
 
 @pytest.mark.parametrize("make, shape", _layers())
-def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, monkeypatch):
-    """LOTUS_TILE=1 cuts the batch into one-sample tiles (independent task chains, parameter
-    gradients summed from per-tile partials): same results as one tile."""
+def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, monkeypatch, fuse):
+    """LOTUS_TILE=1 cuts the batch into one-sample tiles (independent task chains, or one fused
+    task per tile; parameter gradients summed from per-tile partials): same results as one tile."""
     layer = lotus_rt.offload(make())
     x = torch.randn(shape, dtype=D, requires_grad=True)
     results = []
@@ -181,7 +183,16 @@ def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, monkeypatc
 def test_batch_tiles_follow_the_work_and_lotus_tile():
     from lotus_rt.nn import functional
     assert functional.batch_tiles(8, 1e9, 2, rows=3) == [(0, 3), (3, 6), (6, 8)]
-    assert functional.batch_tiles(8, 0.5 * functional.TILE_FLOPS, 2) == [(0, 8)]  # small: one tile
+    # too little work for each worker to get a task's worth: one tile
+    assert functional.batch_tiles(8, 1.5 * functional.SPLIT_FLOPS, 2) == [(0, 8)]
+    # less than TILE_FLOPS, but a task's worth per worker: one tile per worker
+    assert functional.batch_tiles(8, 2.5 * functional.SPLIT_FLOPS, 2) == [(0, 4), (4, 8)]
+    assert functional.batch_tiles(9, 3.5 * functional.SPLIT_FLOPS, 3) == [(0, 3), (3, 6), (6, 9)]
+    # fused layers (a tile is one task) split at a lower bar
+    assert functional.batch_tiles(8, 0.6 * functional.SPLIT_FLOPS, 2, split_flops=functional.FUSED_SPLIT_FLOPS) \
+        == [(0, 4), (4, 8)]
+    assert functional.batch_tiles(8, 1.2 * functional.FUSED_SPLIT_FLOPS, 2,
+                                  split_flops=functional.FUSED_SPLIT_FLOPS) == [(0, 8)]
     # enough work for one tile is still cut into one tile per worker
     assert functional.batch_tiles(256, 1.2 * functional.TILE_FLOPS, 2) == [(0, 128), (128, 256)]
     # lots of work: at most MAX_TILES_PER_WORKER per worker, never more tiles than samples
@@ -189,6 +200,28 @@ def test_batch_tiles_follow_the_work_and_lotus_tile():
     assert len(tiles) == 2 * functional.MAX_TILES_PER_WORKER
     assert tiles[0][0] == 0 and tiles[-1][1] == 256 and all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
     assert len(functional.batch_tiles(3, 1000 * functional.TILE_FLOPS, 2)) == 3
+    assert functional.batch_tiles(1, 1000 * functional.TILE_FLOPS, 2) == [(0, 1)]
+
+
+@pytest.mark.parametrize("make, shape", _layers())
+def test_fused_tiles_with_frozen_parameters(make, shape, monkeypatch):
+    """Fused, one-sample tiles, the input and the first parameter without gradients: the other
+    gradients equal torch's on the same factors, and the frozen ones stay None."""
+    monkeypatch.setenv("LOTUS_FUSE", "on")
+    monkeypatch.setenv("LOTUS_TILE", "1")
+    reference = make()
+    layer = lotus_rt.offload(copy.deepcopy(reference))
+    for module in (reference, layer):
+        next(module.parameters()).requires_grad_(False)
+    x = torch.randn(shape, dtype=D)
+    weights = torch.randn_like(reference(x))
+    grads = []
+    for module in (reference, layer):
+        (module(x) * weights).sum().backward()
+        grads.append([p.grad for p in module.parameters()])
+    assert grads[1][0] is None and grads[0][0] is None
+    for a, b in zip(grads[0][1:], grads[1][1:]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("stride, padding, dilation", [

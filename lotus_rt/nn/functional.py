@@ -19,9 +19,10 @@ that touch only parameters (e.g. CP's two small kernel factors) run once per til
 Fused small layers. A layer whose forward is under ``FUSE_FLOPS`` (about 2 ms of work) gains
 nothing from a DAG of a dozen tiny tasks: each costs more in Python and GIL hand-offs between
 worker threads than its math. Such a layer (LOTUS_FUSE=auto, the default; ``on`` fuses every
-layer, ``off`` none) runs its forward as one task and its backward as one task
-(``kernels/fused.py``: the backward recomputes the forward's intermediates), still scheduled by
-StarPU like any other task.
+layer, ``off`` none) runs its forward as one task per batch tile and its backward as one task
+per tile (``kernels/fused.py``: the backward recomputes the forward's intermediates), still
+scheduled by StarPU like any other task. Its tiles follow the same rule as a DAG's, with a
+lower bar for splitting (``FUSED_SPLIT_FLOPS``): a fused tile is one task, not a dozen.
 
 ``forward`` submits the chains and, when gradients are wanted, keeps what ``backward`` needs
 (per tile: the lowered ``Forward`` of each contraction, with its operands and intermediates).
@@ -56,6 +57,11 @@ FUSED_BACKWARD = Codelet("layer_backward", cpu=fused_kernels.backward_cpu, cuda=
 # three times as many tasks, each costing tens of microseconds of Python on top of its math.
 TILE_FLOPS = 8 * MIN_TASK_FLOPS
 MAX_TILES_PER_WORKER = 4
+# Below TILE_FLOPS a batch is still cut into one tile per worker once each worker's share is
+# worth a task: one tile would run the layer's whole chain on one worker while the others idle
+# (measured on the demo's layers, 2026-11-27: benchmarks/RESULTS.md, "Fifth session").
+SPLIT_FLOPS = MIN_TASK_FLOPS
+FUSED_SPLIT_FLOPS = MIN_TASK_FLOPS / 4
 # Measured on 2 cores (2026-11-27, training steps of the demo's layers, fused vs DAG): fused won
 # at 3e7 forward FLOPs (17.7 vs 22.1 ms), tied at 1.4e7, lost at 7e7 and 8e7 (22 vs 13, 44 vs 22).
 FUSE_FLOPS = 2 * MIN_TASK_FLOPS
@@ -132,25 +138,31 @@ class State:
 
 @dataclass
 class FusedState:
-    """What a fused forward keeps: its input and packed parameters (the backward recomputes)."""
+    """What a fused forward keeps: its input, packed parameters and batch tiles (the backward
+    recomputes the intermediates)."""
 
     runtime: Runtime
     x: np.ndarray
     packed: np.ndarray
     kwargs: dict[str, Any]
+    tiles: list[tuple[int, int]]
 
     def release(self) -> None:
         self.x = self.packed = None
 
 
-def batch_tiles(n: int, flops: float, nworkers: int, rows: int | None = None) -> list[tuple[int, int]]:
+def batch_tiles(n: int, flops: float, nworkers: int, rows: int | None = None,
+                split_flops: float = SPLIT_FLOPS) -> list[tuple[int, int]]:
     """(start, stop) ranges over a batch of ``n`` whose forward costs ``flops``: one tile per
-    ~TILE_FLOPS, at least one per worker once there is that much work, at most
-    MAX_TILES_PER_WORKER per worker; ``rows`` (LOTUS_TILE) fixes the tile length instead."""
+    ~TILE_FLOPS, and at least one per worker once each worker's share reaches ``split_flops``;
+    at most MAX_TILES_PER_WORKER per worker and one per sample. ``rows`` (LOTUS_TILE) fixes
+    the tile length instead."""
     if rows is None:
         nworkers = max(1, nworkers)
         ntiles = int(flops // TILE_FLOPS)
-        ntiles = 1 if ntiles < 1 else min(max(ntiles, nworkers), MAX_TILES_PER_WORKER * nworkers, n)
+        if flops >= nworkers * split_flops:
+            ntiles = max(ntiles, nworkers)
+        ntiles = min(max(ntiles, 1), MAX_TILES_PER_WORKER * nworkers, n)
         rows = -(-n // ntiles)
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
@@ -211,7 +223,8 @@ def forward(program: Program, x: np.ndarray, params: Sequence[np.ndarray], keep:
     y = np.empty(full_plans[-1].shape(full_plans[-1].output_node), x.dtype)
     settings = config.read_settings()
     if settings.fuse == "on" or (settings.fuse == "auto" and flops < FUSE_FLOPS and settings.tile is None):
-        return y, _fused_forward(rt, program, x, params, y, keep)
+        tiles = batch_tiles(x.shape[0], flops, len(rt.workers), settings.tile, FUSED_SPLIT_FLOPS)
+        return y, _fused_forward(rt, program, x, params, y, tiles, keep)
     tiles = batch_tiles(x.shape[0], flops, len(rt.workers), settings.tile)
     registry = _Registry(rt)
     kept: list[TileState] = []
@@ -292,35 +305,50 @@ def _fused_kwargs(program: Program, shapes: Sequence[tuple[int, ...]]) -> dict[s
             "bias_axis": program.bias_axis, "bias_span": program.bias_span}
 
 
-def _run_registered(rt: Runtime, codelet: Codelet, accesses: list[tuple[np.ndarray, str]], name: str,
-                    kwargs: dict[str, Any]) -> None:
-    """One task on freshly registered arrays; waits, then gives the arrays back."""
-    registry = _Registry(rt)
-    try:
-        handles = [(registry.register(a), mode) for a, mode in accesses]
-        rt.submit(codelet, *handles, name=name, **kwargs)
-        rt.wait()
-    finally:
-        registry.unregister_all()
-
-
 def _fused_forward(rt: Runtime, program: Program, x: np.ndarray, params: Sequence[np.ndarray],
-                   y: np.ndarray, keep: bool) -> FusedState | None:
+                   y: np.ndarray, tiles: list[tuple[int, int]], keep: bool) -> FusedState | None:
     packed = np.concatenate([p.reshape(-1) for p in params])  # small layers only: a cheap copy
     kwargs = _fused_kwargs(program, [p.shape for p in params])
-    _run_registered(rt, FUSED_FORWARD, [(x, "R"), (packed, "R"), (y, "W")], "layer_forward", kwargs)
-    return FusedState(rt, x, packed, kwargs) if keep else None
+    registry = _Registry(rt)
+    try:
+        packed_handle = registry.register(packed)
+        for start, stop in tiles:
+            rt.submit(FUSED_FORWARD, (registry.register(x[start:stop]), "R"), (packed_handle, "R"),
+                      (registry.register(y[start:stop]), "W"), name="layer_forward", **kwargs)
+        rt.wait()
+    except BaseException:
+        _let_submitted_finish(rt)
+        raise
+    finally:
+        registry.unregister_all()
+    return FusedState(rt, x, packed, kwargs, tiles) if keep else None
 
 
 def _fused_backward(state: FusedState, grad: np.ndarray, needs: list[bool]) -> list[np.ndarray | None]:
     if state.x is None:
         raise RuntimeError("backward: this layer's forward state was already released")
+    rt = state.runtime
     dx = np.empty_like(state.x)
-    dpacked = np.empty_like(state.packed)
-    _run_registered(state.runtime, FUSED_BACKWARD,
-                    [(state.x, "R"), (state.packed, "R"), (grad, "R"), (dx, "W"), (dpacked, "W")],
-                    "layer_backward", dict(state.kwargs, needs=tuple(bool(n) for n in needs)))
-    views = fused_kernels.unpack(dpacked, state.kwargs["shapes"])
+    # one partial gradient of the packed parameters per tile, summed into the first; zeroed, since
+    # a tile writes only the wanted parameters' part and the sum reads all of it
+    partials = [np.zeros_like(state.packed) for _ in state.tiles]
+    kwargs = dict(state.kwargs, needs=tuple(bool(n) for n in needs))
+    registry = _Registry(rt)
+    try:
+        packed_handle = registry.register(state.packed)
+        partial_handles = [registry.register(p) for p in partials]
+        for (start, stop), partial in zip(state.tiles, partial_handles):
+            rt.submit(FUSED_BACKWARD, (registry.register(state.x[start:stop]), "R"), (packed_handle, "R"),
+                      (registry.register(grad[start:stop]), "R"), (registry.register(dx[start:stop]), "W"),
+                      (partial, "W"), name="layer_backward", **kwargs)
+        sum_tree(rt, [Slot(h) for h in partial_handles], priority=0)
+        rt.wait()
+    except BaseException:
+        _let_submitted_finish(rt)
+        raise
+    finally:
+        registry.unregister_all()
+    views = fused_kernels.unpack(partials[0], state.kwargs["shapes"])
     return [dx if needs[0] else None] + [v if wanted else None for v, wanted in zip(views, needs[1:])]
 
 
