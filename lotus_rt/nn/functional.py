@@ -16,7 +16,7 @@ pieces: the chains of different tiles overlap on the workers and the caller wait
 forward and once per backward. Parameters are registered once and read by every tile; steps
 that touch only parameters (e.g. CP's two small kernel factors) run once per tile.
 
-Fused small layers. A layer whose forward is under ``FUSE_FLOPS`` (about 2 ms of work) gains
+Fused small layers. A layer whose forward is under ``FUSE_FLOPS`` (about 0.2 ms of work) gains
 nothing from a DAG of a dozen tiny tasks: each costs more in Python and GIL hand-offs between
 worker threads than its math. Such a layer (LOTUS_FUSE=auto, the default; ``on`` fuses every
 layer, ``off`` none) runs its forward as one task per batch tile and its backward as one task
@@ -61,10 +61,13 @@ MAX_TILES_PER_WORKER = 4
 # worth a task: one tile would run the layer's whole chain on one worker while the others idle
 # (measured on the demo's layers, 2026-11-27: benchmarks/RESULTS.md, "Fifth session").
 SPLIT_FLOPS = MIN_TASK_FLOPS
-FUSED_SPLIT_FLOPS = MIN_TASK_FLOPS / 4
-# Measured on 2 cores (2026-11-27, training steps of the demo's layers, fused vs DAG): fused won
-# at 3e7 forward FLOPs (17.7 vs 22.1 ms), tied at 1.4e7, lost at 7e7 and 8e7 (22 vs 13, 44 vs 22).
-FUSE_FLOPS = 2 * MIN_TASK_FLOPS
+# Measured on 2 cores (2026-11-27, training steps, fused vs DAG interleaved in one process, with
+# the idle pause in C): fused wins at 0.05-1.8e6 forward FLOPs (DAG 1.15-1.31x slower), ties near
+# 4e6 (0.91-1.05x), loses from 8e6 up (0.70-0.85x). The bar was 4e7 before the idle pause.
+FUSE_FLOPS = MIN_TASK_FLOPS / 5
+# A fused tile is one task: worth splitting at a tenth of a task's work per worker. Under
+# LOTUS_FUSE=auto a fused layer is too small for that on 2+ workers; LOTUS_FUSE=on splits.
+FUSED_SPLIT_FLOPS = MIN_TASK_FLOPS / 10
 
 
 @dataclass(frozen=True)
