@@ -290,3 +290,41 @@ def test_fuse_setting_decides_between_one_task_and_a_dag(mode, fused, monkeypatc
             assert names == ["layer_forward", "layer_backward"], names
         else:
             assert "layer_forward" not in names and "conv_unfold" in names and "conv_fold" in names, names
+
+
+@pytest.mark.parametrize("mode, codelet_name", [("off", "FOLD"), ("off", "BIAS_GRAD"), ("on", "FUSED_BACKWARD"),
+                                                ("on", "FUSED_FORWARD")])
+def test_a_failing_layer_task_surfaces_and_the_layer_still_works(mode, codelet_name, monkeypatch):
+    """One tile's task raises: the layer call raises CodeletError naming it (no hang), the other
+    tiles' tasks are waited for, and the same layer then trains correctly on the same runtime."""
+    from lotus_rt.errors import CodeletError
+    from lotus_rt.nn import functional
+    monkeypatch.setenv("LOTUS_FUSE", mode)
+    monkeypatch.setenv("LOTUS_TILE", "1")
+    reference = lotus_rt.TuckerConv2d(3, 4, 3, ranks=(2, 3), padding=1, dtype=D)
+    layer = lotus_rt.offload(copy.deepcopy(reference))
+    x = torch.randn(3, 3, 6, 6, dtype=D, requires_grad=True)
+    codelet = getattr(functional, codelet_name)
+    body, calls = codelet.cpu, []
+
+    def fails_on_the_second_tile(*arrays, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("injected failure")
+        return body(*arrays, **kwargs)
+
+    monkeypatch.setattr(codelet, "cpu", fails_on_the_second_tile)
+    with pytest.raises(CodeletError, match=codelet.name) as caught:
+        layer(x).sum().backward()
+    assert isinstance(caught.value.__cause__, FloatingPointError)
+    monkeypatch.setattr(codelet, "cpu", body)
+    x.grad = None
+    for module in (layer, reference):
+        module.zero_grad()
+    grads = []
+    for module in (reference, layer):
+        x.grad = None
+        (module(x) * torch.arange(4 * 36, dtype=D).reshape(4, 6, 6)).sum().backward()
+        grads.append([x.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
