@@ -33,8 +33,9 @@ freed when the State is released or garbage-collected.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -300,6 +301,22 @@ def _abandon(rt: Runtime, kept: list[TileState]) -> None:
     _release_tiles(kept)
 
 
+@contextlib.contextmanager
+def _waited_pass(rt: Runtime) -> Iterator[_Registry]:
+    """Submit a pass's tasks inside the block on the arrays registered through the yielded
+    registry; wait for them at its end (also when the block raises, before the arrays are given
+    back); then unregister every array."""
+    registry = _Registry(rt)
+    try:
+        yield registry
+        rt.wait()
+    except BaseException:
+        _let_submitted_finish(rt)
+        raise
+    finally:
+        registry.unregister_all()
+
+
 def _fused_kwargs(program: Program, shapes: Sequence[tuple[int, ...]]) -> dict[str, Any]:
     g = program.conv
     return {"shapes": tuple(tuple(s) for s in shapes), "pre": program.pre, "n_pre": program.n_pre,
@@ -312,18 +329,11 @@ def _fused_forward(rt: Runtime, program: Program, x: np.ndarray, params: Sequenc
                    y: np.ndarray, tiles: list[tuple[int, int]], keep: bool) -> FusedState | None:
     packed = np.concatenate([p.reshape(-1) for p in params])  # small layers only: a cheap copy
     kwargs = _fused_kwargs(program, [p.shape for p in params])
-    registry = _Registry(rt)
-    try:
+    with _waited_pass(rt) as registry:
         packed_handle = registry.register(packed)
         for start, stop in tiles:
             rt.submit(FUSED_FORWARD, (registry.register(x[start:stop]), "R"), (packed_handle, "R"),
                       (registry.register(y[start:stop]), "W"), name="layer_forward", **kwargs)
-        rt.wait()
-    except BaseException:
-        _let_submitted_finish(rt)
-        raise
-    finally:
-        registry.unregister_all()
     return FusedState(rt, x, packed, kwargs, tiles) if keep else None
 
 
@@ -336,8 +346,7 @@ def _fused_backward(state: FusedState, grad: np.ndarray, needs: list[bool]) -> l
     # a tile writes only the wanted parameters' part and the sum reads all of it
     partials = [np.zeros_like(state.packed) for _ in state.tiles]
     kwargs = dict(state.kwargs, needs=tuple(bool(n) for n in needs))
-    registry = _Registry(rt)
-    try:
+    with _waited_pass(rt) as registry:
         packed_handle = registry.register(state.packed)
         partial_handles = [registry.register(p) for p in partials]
         for (start, stop), partial in zip(state.tiles, partial_handles):
@@ -345,12 +354,6 @@ def _fused_backward(state: FusedState, grad: np.ndarray, needs: list[bool]) -> l
                       (registry.register(grad[start:stop]), "R"), (registry.register(dx[start:stop]), "W"),
                       (partial, "W"), name="layer_backward", **kwargs)
         sum_tree(rt, [Slot(h) for h in partial_handles], priority=0)
-        rt.wait()
-    except BaseException:
-        _let_submitted_finish(rt)
-        raise
-    finally:
-        registry.unregister_all()
     views = fused_kernels.unpack(partials[0], state.kwargs["shapes"])
     return [dx if needs[0] else None] + [v if wanted else None for v, wanted in zip(views, needs[1:])]
 
@@ -372,8 +375,7 @@ def backward(program: Program, state: State | FusedState, grad: np.ndarray,
     # per parameter, one partial gradient per tile (the first tile's is the result)
     partials = {k: [np.empty(state.param_shapes[k], dtype) for _ in state.tiles] for k in wanted_params}
     dx = np.empty(state.input_shape, dtype) if needs[0] else None
-    registry = _Registry(rt)
-    try:
+    with _waited_pass(rt) as registry:
         partial_handles = {k: [registry.register(a) for a in arrays] for k, arrays in partials.items()}
         for t, tile in enumerate(state.tiles):
             _backward_tile(rt, registry, program, tile, grad[tile.start:tile.stop],
@@ -382,12 +384,6 @@ def backward(program: Program, state: State | FusedState, grad: np.ndarray,
                            needs, input_wanted, pre_wanted)
         for handles in partial_handles.values():
             sum_tree(rt, [Slot(h) for h in handles], priority=0)
-        rt.wait()
-    except BaseException:
-        _let_submitted_finish(rt)
-        raise
-    finally:
-        registry.unregister_all()
     grads: list[np.ndarray | None] = [dx] + [None] * n_params
     for k, arrays in partials.items():
         grads[1 + k] = arrays[0]
