@@ -66,6 +66,13 @@ def cases(batch: int, quick: bool) -> list[Case]:
              lambda: TuckerConv2d(64, 128, 3, (16, 32), padding=1), (batch // 4, 64, 16, 16)),
         Case("cp_conv", "CPConv2d 64->128, 3x3, pad 1, rank 32, 16x16 images",
              lambda: CPConv2d(64, 128, 3, 32, padding=1), (batch // 4, 64, 16, 16)),
+        # the MNIST demo's tensorized layers (rank 0.15 of the dense parameters), at its batch of 64
+        Case("demo_tucker_14", "the demo's TuckerConv2d 32->64, 3x3, pad 1, ranks (9, 17), 14x14 images",
+             lambda: TuckerConv2d(32, 64, 3, (9, 17), padding=1), (batch // 4, 32, 14, 14)),
+        Case("demo_tucker_7", "the demo's TuckerConv2d 64->64, 3x3, pad 1, ranks (19, 18), 7x7 images",
+             lambda: TuckerConv2d(64, 64, 3, (19, 18), padding=1), (batch // 4, 64, 7, 7)),
+        Case("demo_tt", "the demo's TTLinear 3136->256 (16x14x14 -> 8x8x4), TT-ranks 31",
+             lambda: TTLinear((16, 14, 14), (8, 8, 4), 31), (batch // 4, 3136)),
     ]
 
 
@@ -135,8 +142,8 @@ def plot(result: dict, path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = common.parser("layers", __doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=None, help="batch of the linear layers (default 256; "
-                        "the convolutions take a quarter of it; 8 with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="batch of the TT layers (default 256; "
+                        "the convolutions and the demo's layers take a quarter of it; 8 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="timed samples per variant (default 7; 3 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per sample (default 5; 2 with --quick)")
     args = parser.parse_args(argv)
