@@ -7,8 +7,8 @@ contractions of the reduced network; each becomes a *pair* step whose result kee
 indices still needed (by the output or a remaining operand), laid out in the GEMM's natural
 order (batch, free of the left operand, free of the right one) except the last step, which
 writes the requested output order; then ``layouts.choose_orders`` may reorder a large
-intermediate so that the GEMMs around it need no copies. A path entry with more than two operands (``optimize=False``)
-is folded left to right.
+intermediate so that the GEMMs around it need no copies. A path entry with more than two
+operands (``optimize=False``) is folded left to right.
 
 Tiling splits the output's leading index into tiles: every node carrying that index exists
 once per tile (an independent chain of tasks per tile); nodes without it (e.g. two weight
