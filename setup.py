@@ -26,10 +26,10 @@ def _version() -> str:
 
 
 def _starpu_cffi_modules() -> list[str]:
-    """``[BUILD_FILE + ":ffibuilder"]`` when StarPU is found, else [] after one warning.
+    """``[BUILD_FILE + ":make_ffibuilder"]`` when StarPU is found, else [] after one warning.
 
-    _build.py is loaded by file path so that lotus_rt need not be importable here; loading it
-    already runs ``make_ffibuilder()``, which raises StarPUNotFound when pkg-config finds nothing.
+    _build.py is loaded by file path so that lotus_rt need not be importable here; cffi calls
+    ``make_ffibuilder()`` later, when it builds the extension.
     """
     spec = importlib.util.spec_from_file_location("_lotus_rt_starpu_build", ROOT / BUILD_FILE)
     module = importlib.util.module_from_spec(spec)
@@ -44,7 +44,7 @@ def _starpu_cffi_modules() -> list[str]:
               "lotus_rt will fall back to its inline engine.", file=sys.stderr)
         return []
     print(f"lotus_rt: building the StarPU binding against {name} {version}", file=sys.stderr)
-    return [BUILD_FILE + ":ffibuilder"]
+    return [BUILD_FILE + ":make_ffibuilder"]
 
 
 CFFI_MODULES = _starpu_cffi_modules()

@@ -86,8 +86,8 @@ def run_all(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lotus_rt import omp
-    omp.shorten_spin()  # before any scenario imports torch; subprocesses inherit it
+    from lotus_rt.runtime import omp
+    omp.shorten_spin(os.environ)  # before any scenario imports torch; subprocesses inherit it
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip().splitlines()[0] + "\n\nscenarios:")

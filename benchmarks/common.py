@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.metadata
 import json
 import math
@@ -29,7 +28,7 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -128,8 +127,10 @@ def environment(rt=None) -> dict[str, Any]:
     """Where and with what a result was measured. ``rt`` (a lotus_rt runtime) adds the engine,
     policy and workers; without one (a parent that only starts subprocesses) they are None."""
     import lotus_rt
-    from lotus_rt import config, omp, starpu
+    from lotus_rt import starpu
+    from lotus_rt.runtime import omp, settings as settings_module
 
+    settings = rt.settings if rt is not None else settings_module.read_settings()
     return {
         "date": time.strftime("%Y-%m-%d"),
         "time": time.strftime("%H:%M:%S"),
@@ -146,9 +147,9 @@ def environment(rt=None) -> dict[str, Any]:
         "policy": rt.policy if rt is not None else None,
         "workers": [list(w) for w in rt.workers] if rt is not None else None,
         "blas_threads": _blas_threads(),
-        "env": config.starpu_env_report(),
-        "lotus_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LOTUS_")},
-        "openmp_env": {k: os.environ[k] for k in omp.USER_VARIABLES + ("OMP_NUM_THREADS",) if k in os.environ},
+        "env": settings_module.starpu_env_report(settings),
+        "lotus_env": {k: v for k, v in settings.report().items() if k in settings.explicit},
+        "openmp_env": {k: v for k, v in settings.outside.items() if k in omp.USER_VARIABLES + ("OMP_NUM_THREADS",)},
     }
 
 
@@ -197,47 +198,6 @@ def report_errors(checked: Sequence[tuple[str, float, float]]) -> bool:
     return not bad
 
 
-# ---------------------------------------------------------------------------------- StarPU pause
-
-class StarPUPause:
-    """``starpu_pause()`` / ``starpu_resume()`` from the libstarpu already loaded in this process.
-
-    StarPU 1.3's idle CPU workers busy-poll; pausing them while a reference (torch, numpy) runs
-    gives it the cores. Pauses nest in StarPU (a depth counter), so this composes with any pause
-    lotus_rt itself may hold.
-    """
-
-    def __init__(self, rt):
-        self.lib = None
-        if rt.engine != "starpu":
-            return
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libstarpu-" in line and ".so" in line}
-        for path in sorted(paths):
-            try:
-                lib = ctypes.CDLL(path)  # already loaded: dlopen returns the same instance
-                lib.starpu_pause, lib.starpu_resume  # noqa: B018 (both must exist)
-            except (OSError, AttributeError):
-                continue
-            self.lib = lib
-            break
-
-    @property
-    def available(self) -> bool:
-        return self.lib is not None
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        if self.lib is None:
-            yield
-            return
-        self.lib.starpu_pause()
-        try:
-            yield
-        finally:
-            self.lib.starpu_resume()
-
-
 # ---------------------------------------------------------------------------------- workloads
 
 TT_EQUATION = "zijkl,iaq,qjbr,rkcs,sld->zabcd"
@@ -268,17 +228,22 @@ class Workload:
     inputs: tuple[np.ndarray, ...] = ()  # the operands, for a caller timing a reference on them
 
 
-def gemm_workload(rt, size: int, tile: int, seed: int = 0) -> Workload:
-    """C = A @ B (float64, ``size`` square) as a DAG of ``tile`` x ``tile`` GEMM tasks.
+def gemm_workload(rt, size: int, tile: int, dtype: str = "float64", tolerance: float | None = None,
+                  check_rows: int | None = None, seed: int = 0) -> Workload:
+    """C = A @ B (``size`` square, ``dtype``) as a DAG of ``tile`` x ``tile`` GEMM tasks
+    (``lotus_rt.workloads.gemm_dag``).
 
-    The timed region covers registering the tiles, submitting, running and unregistering
-    (``gemm_dag``); the tiling and reassembly copies are not timed (a tiled application keeps
-    its data tiled).
+    The timed region covers registering the tiles, submitting, running and unregistering; the
+    tiling and reassembly copies are not timed (a tiled application keeps its data tiled). The
+    check compares C with float64 NumPy: all of it, or with ``check_rows`` only about that many
+    rows, the first of every tile row (a full float64 product of a large size would take longer
+    than the benchmark). ``tolerance`` defaults to ``MAX_REL_ERROR[dtype]``.
     """
     from lotus_rt.workloads import gemm_dag, split_tiles
 
     rng = np.random.default_rng(seed)
-    a, b = rng.standard_normal((size, size)), rng.standard_normal((size, size))
+    a = rng.standard_normal((size, size)).astype(dtype)
+    b = rng.standard_normal((size, size)).astype(dtype)
     a_tiles, b_tiles = split_tiles(a, tile), split_tiles(b, tile)
     nt = math.ceil(size / tile)
 
@@ -288,10 +253,17 @@ def gemm_workload(rt, size: int, tile: int, seed: int = 0) -> Workload:
         return time.perf_counter() - start
 
     def error() -> float:
-        return rel_error(np.block(gemm_dag(rt, a_tiles, b_tiles)), a @ b)
+        c_tiles = gemm_dag(rt, a_tiles, b_tiles)
+        if check_rows is None:
+            return rel_error(np.block(c_tiles), a.astype(np.float64) @ b.astype(np.float64))
+        per_row = max(1, check_rows // nt)
+        rows = [i * tile + r for i in range(nt) for r in range(min(per_row, len(c_tiles[i][0])))]
+        got = np.concatenate([np.concatenate(row, axis=1)[:per_row] for row in c_tiles])
+        return rel_error(got, a[rows].astype(np.float64) @ b.astype(np.float64))
 
-    return Workload(f"gemm{size}_t{tile}", {"size": size, "tile": tile, "dtype": "float64"},
-                    nt ** 3, call, error, MAX_REL_ERROR["float64"], inputs=(a, b))
+    name = f"gemm{size}_t{tile}" + ("" if dtype == "float64" else f"_{dtype}")
+    return Workload(name, {"size": size, "tile": tile, "dtype": dtype}, nt ** 3, call, error,
+                    MAX_REL_ERROR[dtype] if tolerance is None else tolerance, inputs=(a, b))
 
 
 def tt_workload(rt, batch: int, rank: int, tile: int | None, seed: int = 0) -> Workload:

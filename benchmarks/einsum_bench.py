@@ -21,8 +21,9 @@ is faster), reported as median, min and max. Variants: lotus_rt.einsum with ``ti
 
 Fairness. StarPU 1.3's CPU workers busy-poll for work while idle (each keeps a core at 100 %).
 Left alone, they would compete with torch's and numpy's threads for the same cores, so the
-references run with StarPU paused (``starpu_pause()``; paused workers block on a condition
-variable) and StarPU is resumed, untimed, before each lotus_rt call. What a process mixing
+references run with StarPU paused (``runtime.paused()``: ``starpu_pause()`` through the
+binding; paused workers block on a condition variable) and StarPU is resumed, untimed, before
+each lotus_rt call. What a process mixing
 torch and lotus_rt sees is shown once per network as "torch_unpaused" (torch.einsum with StarPU
 left as lotus_rt leaves it between calls: its workers spinning with LOTUS_IDLE_PAUSE=0, paused
 by lotus_rt itself with the idle pause on, the default). A short untimed sleep after every call
@@ -83,8 +84,8 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 import lotus_rt  # noqa: E402
 from benchmarks import common  # noqa: E402
-from benchmarks.common import StarPUPause, median_spread, rel_error  # noqa: E402
-from lotus_rt import config, tn  # noqa: E402
+from benchmarks.common import median_spread, rel_error  # noqa: E402
+from lotus_rt import tn  # noqa: E402
 
 MAX_REL_ERROR = common.MAX_REL_ERROR["float32"]
 SETTLE_S = common.SETTLE_S  # untimed sleep after each call
@@ -218,13 +219,12 @@ def profile_lotus(rt, net: Net, ops, tile, nworkers: int, plan) -> dict:
     }
 
 
-def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, pause: StarPUPause,
-                rng) -> dict:
+def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, rng) -> dict:
     import torch
 
     ops = [rng.standard_normal(shape).astype(np.float32) for shape in net.shapes]
     tops = [torch.from_numpy(op) for op in ops]
-    with threadpool_limits(limits=nthreads, user_api="blas"), pause.paused():
+    with threadpool_limits(limits=nthreads, user_api="blas"), rt.paused():
         reference = opt_einsum.contract(net.equation, *[op.astype(np.float64) for op in ops],
                                         optimize="optimal")
     numpy_path = ["einsum_path", *opt_einsum.contract_path(net.equation, *ops, optimize="optimal")[0]]
@@ -233,7 +233,7 @@ def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, pause: S
         return lambda: lotus_rt.einsum(net.equation, *ops, tile=tile)
 
     def torch_fn():
-        with pause.paused():
+        with rt.paused():
             start = time.perf_counter()
             out = torch.einsum(net.equation, *tops)
             return time.perf_counter() - start, out
@@ -245,7 +245,7 @@ def run_network(rt, net: Net, tiles: list, repeats: int, nthreads: int, pause: S
 
     def numpy_fn(optimize):
         def call():
-            with pause.paused(), threadpool_limits(limits=nthreads, user_api="blas"):
+            with rt.paused(), threadpool_limits(limits=nthreads, user_api="blas"):
                 start = time.perf_counter()
                 out = np.einsum(net.equation, *ops, optimize=optimize)
                 return time.perf_counter() - start, out
@@ -374,9 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = lotus_rt.runtime()
     nthreads = common.cpu_workers(rt)
     torch.set_num_threads(nthreads)
-    pause = StarPUPause(rt)
     rng = np.random.default_rng(0)
-    nets = [run_network(rt, net, tiles, repeats, nthreads, pause, rng)
+    nets = [run_network(rt, net, tiles, repeats, nthreads, rng)
             for net in networks(batch, ranks, quick)]
 
     summary = {}
@@ -401,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": nthreads,
         "torch_num_threads": torch.get_num_threads(),
         "torch_opt_einsum": bool(torch.backends.opt_einsum.enabled and torch.backends.opt_einsum.is_available()),
-        "starpu_paused_for_references": pause.available,
-        "idle_pause": config.read_settings().idle_pause,
+        "starpu_paused_for_references": rt.engine == "starpu",
+        "idle_pause": rt.settings.idle_pause,
         "batch": batch, "dtype": "float32", "repeats": repeats, "quick": quick,
         "tiles": tiles,
         "targets": {"torch_over_lotus": f">= {SPEED_TARGET}", "flops_over_optimal": f"<= {FLOPS_TARGET}"},

@@ -15,7 +15,7 @@ every other pass, so a slow phase of a shared machine does not always hit the sa
 and each policy's samples are pooled. Reported per policy: median time of each and its speedup
 against ``eager`` (eager median / policy median; > 1 is faster than eager), and the best-pass
 speedup (the fastest pass of each: the least disturbed when other processes share the cores). Policies that
-lotus_rt refuses on this StarPU release (``config.BROKEN_POLICIES``: they hang) are listed as
+lotus_rt refuses on this StarPU release (``lotus_rt.runtime.settings.BROKEN_POLICIES``: they hang) are listed as
 skipped with the reason.
 
     python -m benchmarks policies [--quick] [--out DIR] [--policies eager,lws,dmda]
@@ -44,7 +44,8 @@ def policy_lists(requested: list[str] | None) -> tuple[list[str], list[dict[str,
     The refused list covers every policy this StarPU offers that lotus_rt refuses, requested
     or not (none of them can run here).
     """
-    from lotus_rt import config, starpu
+    from lotus_rt import starpu
+    from lotus_rt.runtime import settings as config
 
     version = starpu.version()
     series = ".".join(version.split(".")[:2])

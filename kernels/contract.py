@@ -11,7 +11,8 @@ operands read as they are, the result written straight into ``out``).
 backward of a sum).
 
 Each body takes optional ``*_slice = (axis, start, stop)``: the task reads only that slab of a
-whole registered operand, which is how batch tiles share one input without copying it.
+whole registered operand, which is how batch tiles share one input without copying it. The pair
+bodies take ``precision`` (the runtime's LOTUS_PRECISION) for the GPU's GEMMs; the CPU ignores it.
 The same code serves NumPy (CPU) and CuPy (GPU) through the array module ``xp``.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from lotus_rt.kernels import gemm_layout, precision
+from . import gemm_layout
+from . import precision as gpu_precision
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ def _take(a: Any, cut: tuple[int, int, int] | None) -> Any:
     return a[(slice(None),) * axis + (slice(start, stop),)]
 
 
-def _pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, a_slice, b_slice, out_slice) -> None:
+def _pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, a_slice, b_slice, out_slice,
+          precision: str = "auto") -> None:
     a, b, out = _take(a, a_slice), _take(b, b_slice), _take(out, out_slice)
     layout = gemm_layout.find_layout(spec.a_idx, spec.b_idx, spec.out_idx, a.shape, a.strides,
                                      b.shape, b.strides, out.shape, out.strides, out.itemsize)
@@ -78,13 +81,13 @@ def _pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, a_slice, b_slice, o
     if layout.out_view is not None:
         view = gemm_layout.out_view(xp, out, layout)
         if summed:
-            xp.sum(precision.matmul(xp, *product), axis=summed, out=view)
+            xp.sum(gpu_precision.matmul(xp, *product, precision=precision), axis=summed, out=view)
         elif product[0].shape[-1] == 1:  # nothing contracted: an outer product, at memory speed
             xp.multiply(*product, out=view)
         else:
-            precision.matmul(xp, *product, out=view)
+            gpu_precision.matmul(xp, *product, out=view, precision=precision)
         return
-    result = precision.matmul(xp, *product)
+    result = gpu_precision.matmul(xp, *product, precision=precision)
     if summed:
         result = result.sum(axis=summed)
     order = [i for k, i in enumerate(layout.result_order) if not layout.nstack <= k < layout.nstack + layout.nkouter]
@@ -105,22 +108,24 @@ def _unary(xp: Any, a: Any, out: Any, spec: UnarySpec, a_slice, out_slice) -> No
         out[...] = shared.reshape(shape)
 
 
-def pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec) -> None:
+def pair(xp: Any, a: Any, b: Any, out: Any, spec: PairSpec, precision: str = "auto") -> None:
     """``out`` = the pairwise contraction of whole arrays (for bodies that chain several)."""
-    _pair(xp, a, b, out, spec, None, None, None)
+    _pair(xp, a, b, out, spec, None, None, None, precision)
 
 
 def unary(xp: Any, a: Any, out: Any, spec: UnarySpec) -> None:
     _unary(xp, a, out, spec, None, None)
 
 
-def pair_cpu(a, b, out, *, spec: PairSpec, a_slice=None, b_slice=None, out_slice=None) -> None:
+def pair_cpu(a, b, out, *, spec: PairSpec, a_slice=None, b_slice=None, out_slice=None,
+             precision: str = "auto") -> None:
     _pair(np, a, b, out, spec, a_slice, b_slice, out_slice)
 
 
-def pair_gpu(a, b, out, *, spec: PairSpec, a_slice=None, b_slice=None, out_slice=None) -> None:
+def pair_gpu(a, b, out, *, spec: PairSpec, a_slice=None, b_slice=None, out_slice=None,
+             precision: str = "auto") -> None:
     import cupy
-    _pair(cupy, a, b, out, spec, a_slice, b_slice, out_slice)
+    _pair(cupy, a, b, out, spec, a_slice, b_slice, out_slice, precision)
 
 
 def unary_cpu(a, out, *, spec: UnarySpec, a_slice=None, out_slice=None) -> None:

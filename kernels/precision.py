@@ -2,7 +2,8 @@
 
 Every GEMM of a codelet body goes through :func:`matmul`. NumPy operands get ``np.matmul`` in
 their own dtype, unchanged whatever the policy (CPU bodies stay float32/float64). CuPy float32
-operands get the policy, read once per process from ``LOTUS_PRECISION``:
+operands get the policy the caller passes (the runtime's ``LOTUS_PRECISION`` setting, handed to
+every codelet body that multiplies as its ``precision`` argument):
 
 =====  ==================================================================================
 fp32   FP32 throughout: cuBLAS compute type ``CUBLAS_COMPUTE_32F_PEDANTIC`` (no Tensor
@@ -53,20 +54,12 @@ from typing import Any
 
 import numpy as np
 
-from lotus_rt import config
-
-PRECISIONS = config.PRECISIONS
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")  # the values of LOTUS_PRECISION besides "auto"
 TENSOR_CORE_CC = 80  # compute capability (major * 10 + minor) from which tf32 and bf16 exist
 # Relative rounding error of an operand as the GEMM sees it. tf32: 2**-10 bounds truncation
 # as well as rounding to 10 mantissa bits, since cuBLAS does not document which it does.
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "tf32": 2.0**-10, "bf16": 2.0**-8, "fp16": 2.0**-11}
 _DROPPED_BITS = {"tf32": 13, "bf16": 16}  # float32 mantissa bits the format lacks
-
-
-@functools.lru_cache(maxsize=None)
-def configured() -> str:
-    """``LOTUS_PRECISION`` as read once per process: "auto" or one of PRECISIONS."""
-    return config.read_precision()
 
 
 def resolve(requested: str, compute_capability: int) -> str:
@@ -87,23 +80,24 @@ def resolve(requested: str, compute_capability: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_precision(cupy: Any, device_id: int) -> str:
-    return resolve(configured(), int(cupy.cuda.Device(device_id).compute_capability))
+def _device_precision(cupy: Any, device_id: int, requested: str) -> str:
+    return resolve(requested, int(cupy.cuda.Device(device_id).compute_capability))
 
 
-def device_precision(cupy: Any) -> str:
-    """The policy in force for the ``cupy`` module's current device (resolved once per device)."""
-    return _device_precision(cupy, cupy.cuda.runtime.getDevice())
+def device_precision(cupy: Any, requested: str = "auto") -> str:
+    """What ``requested`` means on the ``cupy`` module's current device (resolved once per
+    device and request)."""
+    return _device_precision(cupy, cupy.cuda.runtime.getDevice(), requested)
 
 
 def matmul(xp: Any, a: Any, b: Any, out: Any = None, *, accumulate: bool = False,
-           precision: str | None = None) -> Any:
+           precision: str = "auto") -> Any:
     """``a @ b`` for 2-D ``(M, K) x (K, N)`` or stacked ``(..., M, K) x (..., K, N)`` operands
     (stack axes broadcast as in ``numpy.matmul``).
 
     Writes ``out = a @ b`` (or ``out += a @ b`` with ``accumulate``) and returns ``out``, or a
-    new array when ``out`` is None. ``xp`` is numpy or cupy. ``precision`` overrides the
-    process's policy for this call (CuPy float32 only; tests compare policies with it).
+    new array when ``out`` is None. ``xp`` is numpy or cupy. ``precision`` ("auto" or one of
+    PRECISIONS) applies to CuPy float32 operands only.
 
         >>> float(matmul(np, np.ones((2, 3)), np.ones((3, 4)))[0, 0])
         3.0
@@ -115,7 +109,7 @@ def matmul(xp: Any, a: Any, b: Any, out: Any = None, *, accumulate: bool = False
             out += xp.matmul(a, b)
             return out
         return xp.matmul(a, b, out=out)
-    return _cublas_matmul(xp, a, b, out, accumulate, precision or device_precision(xp))
+    return _cublas_matmul(xp, a, b, out, accumulate, device_precision(xp, precision))
 
 
 def round_to(precision: str, array: Any) -> np.ndarray:

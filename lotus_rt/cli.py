@@ -21,8 +21,8 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from lotus_rt import heap, omp
 from lotus_rt.errors import ConfigError
+from lotus_rt.runtime import heap, omp
 
 
 def _print_stats(stats) -> None:
@@ -69,35 +69,38 @@ def gemm_demo(size: int, tile: int, seed: int) -> int:
 
 def info() -> int:
     import lotus_rt
-    from lotus_rt import config, perfmodels, starpu
+    from lotus_rt import starpu
+    from lotus_rt.runtime import perfmodels, settings as settings_module
 
     print(f"lotus_rt {lotus_rt.__version__}")
     if starpu.available():
         print(f"StarPU {starpu.version()} (CUDA support compiled in: {starpu.built_with_cuda()})")
     else:
         print("StarPU binding: not available")
-    settings = config.read_settings()  # raises ConfigError naming a bad LOTUS_* value
+    settings_module.read_settings()  # a bad LOTUS_* value is one ConfigError, before StarPU starts
     rt = lotus_rt.runtime()
+    settings = rt.settings
     print(f"engine: {rt.engine}; policy: {rt.policy}; priorities {rt.priority_range[0]}..{rt.priority_range[1]}")
     for kind, name in rt.workers:
         print(f"  worker {name} ({kind})")
     if rt.engine == "starpu":
-        print(f"policies: {', '.join(config.usable_policies(starpu.policies(), starpu.version()))}")
-    print(f"performance models: {perfmodels.model_dir()}")
-    models = perfmodels.lotus_models()
+        print(f"policies: {', '.join(settings_module.usable_policies(starpu.policies(), starpu.version()))}")
+    print(f"performance models: {perfmodels.model_dir(settings.outside)}")
+    models = perfmodels.lotus_models(settings.outside)
     if not models:
         print("  no lotus_rt codelet measured yet (model-aware policies such as dmda record them)")
     for m in models:
         print(f"  {m.codelet:<16} {'+'.join(m.devices):<9} {m.calibrated}/{m.footprints} task sizes "
               f"calibrated, {m.samples} samples")
-    print("lotus_rt settings:")
-    for name, value in config.lotus_env_report(settings).items():
+    print("lotus_rt settings (runtime().settings):")
+    for name, value in settings.report().items():
         print(f"  {name}={value}")
-    print("StarPU settings:")
-    for name, value in config.starpu_env_report().items():
+    starpu_vars = settings_module.starpu_env_report(settings)
+    print("StarPU settings:" + ("" if starpu_vars else " none set (StarPU's defaults)"))
+    for name, value in starpu_vars.items():
         print(f"  {name}={value}")
-    print(f"OpenMP spin (torch's threads beside StarPU's workers): {omp.report()}")
-    print(f"Heap (freed memory kept for the next step): {heap.report()}")
+    print(f"OpenMP spin (torch's threads beside StarPU's workers): {omp.report(settings.outside)}")
+    print(f"Heap (freed memory kept for the next step): {heap.report(settings.outside)}")
     return 0
 
 
@@ -121,13 +124,13 @@ def trace(output: str, command: list[str]) -> int:
     import pathlib
     import subprocess
 
-    from lotus_rt import config
+    from lotus_rt.runtime import settings as settings_module
     if not command:
         print("lotus-rt trace: give the command to run after --, e.g. lotus-rt trace -- python script.py",
               file=sys.stderr)
         return 2
     env = dict(os.environ, LOTUS_TRACE="1", LOTUS_TRACE_FILE=output)
-    config.read_settings(env)  # a bad output suffix is an error before the program runs
+    settings_module.read_settings(env)  # a bad output suffix is an error before the program runs
     path = pathlib.Path(output)
     if path.exists():
         path.unlink()
@@ -147,7 +150,7 @@ def trace(output: str, command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    omp.shorten_spin()  # before the demo imports torch; `trace` and `bench` children inherit it
+    omp.shorten_spin(os.environ)  # before the demo imports torch; `trace` and `bench` children inherit it
     parser = argparse.ArgumentParser(prog="lotus-rt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="train a CNN on MNIST dense, then tensorized on StarPU")

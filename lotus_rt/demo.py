@@ -23,7 +23,7 @@ from torch import nn
 import lotus_rt
 from lotus_rt import data
 from lotus_rt.nn.convert import offloaded_layers
-from lotus_rt.tracing import gantt_png
+from lotus_rt.runtime.tracing import gantt_png
 
 
 def load_mnist(test_fraction: float = 0.2, seed: int = 0):

@@ -38,15 +38,17 @@ def gemm_dag(rt: Runtime, a_tiles: list[list[np.ndarray]], b_tiles: list[list[np
     ha = [[rt.register(t) for t in row] for row in a_tiles]
     hb = [[rt.register(t) for t in row] for row in b_tiles]
     hc = [[rt.register(t) for t in row] for row in c_tiles]
+    precision = rt.settings.precision
     try:
         for k in range(len(b_tiles)):  # k outermost: every chain gets its first task early
             for i, row in enumerate(hc):
                 for j, c in enumerate(row):
                     if k == 0:
-                        rt.submit(GEMM, (ha[i][0], "R"), (hb[0][j], "R"), (c, "W"), name=f"gemm[{i},{j}]")
+                        rt.submit(GEMM, (ha[i][0], "R"), (hb[0][j], "R"), (c, "W"), name=f"gemm[{i},{j}]",
+                                  precision=precision)
                     else:
                         rt.submit(GEMM_ACC, (ha[i][k], "R"), (hb[k][j], "R"), (c, "RW"),
-                                  name=f"gemm[{i},{j}]+={k}")
+                                  name=f"gemm[{i},{j}]+={k}", precision=precision)
         rt.wait()
     finally:
         for handles in (ha, hb, hc):

@@ -62,13 +62,13 @@ import importlib.util, shlex, sys, sysconfig
 build_file, work = sys.argv[1], sys.argv[2]
 spec = importlib.util.spec_from_file_location("_lotus_build_check", build_file)
 build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)          # runs find_starpu() + make_ffibuilder()
+spec.loader.exec_module(build)
 name, version, cflags, libs = build.find_starpu()
 print(f"   pkg-config: {name} {version}")
 print(f"   cflags: {' '.join(cflags)}")
 if not version.startswith("1.4"):
     sys.exit(f"check-starpu-headers: expected StarPU 1.4 headers, pkg-config gave {name} {version}")
-ffi = build.ffibuilder
+ffi = build.make_ffibuilder()
 kwds = ffi._assigned_source[3]          # what set_source() was given: include dirs, flags
 src = f"{work}/_lotus_starpu.c"
 ffi.emit_c_code(src)

@@ -11,6 +11,7 @@ Fixtures:
     starpu_rt   the process-wide StarPU runtime only.
     inline_rt   a fresh inline runtime only.
     run_py      runs Python code in a subprocess with a chosen environment.
+    lotus_env   sets LOTUS_* variables for the process-wide runtime (and undoes them).
 
 Markers: ``gpu`` (tests/test_gpu.py) needs CuPy, a GPU and a CUDA-enabled StarPU;
 ``gpu_skip_reason()`` says why such a test is skipped here.
@@ -43,7 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import lotus_rt  # noqa: E402  (after the environment above is set)
 import lotus_rt.starpu  # noqa: E402
-from lotus_rt.config import Settings  # noqa: E402
+from lotus_rt.runtime.settings import Settings  # noqa: E402
 
 ENGINES = ("starpu", "inline")
 
@@ -150,6 +151,22 @@ def inline_rt():
     yield runtime
     _drain(runtime)
     runtime.shutdown()
+
+
+@pytest.fixture
+def lotus_env(monkeypatch):
+    """``lotus_env(LOTUS_FUSE="on", ...)`` sets LOTUS_* variables and has the process-wide
+    runtime re-read them (``reconfigure()``, the route a program takes); both are undone after
+    the test."""
+    def apply(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        lotus_rt.runtime().reconfigure()
+
+    yield apply
+    monkeypatch.undo()
+    if not lotus_rt.runtime().closed:
+        lotus_rt.runtime().reconfigure()
 
 
 @pytest.fixture

@@ -15,7 +15,10 @@ from typing import Any
 import numpy as np
 
 from lotus_rt.kernels import contract, conv
-from lotus_rt.nn import functional
+import lotus_rt
+from lotus_rt import layers
+from lotus_rt.layers import codelets
+from lotus_rt.layers.fused import fused_program
 from lotus_rt.tn.lower import ADD, PAIR, UNARY
 from lotus_rt.workloads import GEMM, GEMM_ACC
 
@@ -69,10 +72,10 @@ def pair_case(rng: np.random.Generator, dtype, equation: str, slices: bool = Fal
 # (program, parameter shapes, input shape, output shape) of a Tucker-2 convolution (the layer's
 # own program: 1x1, 3x3 with stride (2, 1) and padding 1, 1x1, bias) and of a two-core TT linear
 # layer (the r_0 = r_2 = 1 indices x and w summed away, bias over the two output axes).
-TUCKER = (functional.Program("rijnpq,srij,os->nopq", 2, pre="nchw,cr->nrhw", n_pre=1, bias=True,
-                             conv=functional.ConvGeometry((3, 3), (2, 1), (1, 1), (1, 1))),
+TUCKER = (layers.Program("rijnpq,srij,os->nopq", 2, pre="nchw,cr->nrhw", n_pre=1, bias=True,
+                             conv=layers.ConvGeometry((3, 3), (2, 1), (1, 1), (1, 1))),
           [(6, 4), (5, 4, 3, 3), (7, 5), (7,)], (3, 6, 9, 8), (3, 7, 5, 8))
-TT = (functional.Program("zab,xaiy,ybjw->zij", 2, bias=True, bias_axis=1, bias_span=2),
+TT = (layers.Program("zab,xaiy,ybjw->zij", 2, bias=True, bias_axis=1, bias_span=2),
       [(1, 4, 3, 2), (2, 5, 4, 1), (3, 4)], (6, 4, 5), (6, 3, 4))
 
 
@@ -81,12 +84,13 @@ def fused_cases(rng: np.random.Generator, dtype) -> list[Case]:
     for label, (program, shapes, x_shape, y_shape) in (("tucker", TUCKER), ("tt", TT)):
         x = _normal(rng, x_shape, dtype, 0.5)
         packed = np.concatenate([_normal(rng, s, dtype, 0.5).reshape(-1) for s in shapes])
-        kwargs = functional._fused_kwargs(program, shapes)
-        cases.append(Case(f"fused forward {label}", functional.FUSED_FORWARD, [x, packed, np.zeros(y_shape, dtype)],
+        kwargs = {"program": fused_program(program, x_shape, shapes, dtype, lotus_rt.runtime()),
+                  "key": label, "precision": "auto"}
+        cases.append(Case(f"fused forward {label}", codelets.FUSED_FORWARD, [x, packed, np.zeros(y_shape, dtype)],
                           ["R", "R", "W"], kwargs, chain=4))
         grad = _normal(rng, y_shape, dtype)
         needs = tuple([True] * (1 + len(shapes)))
-        cases.append(Case(f"fused backward {label}", functional.FUSED_BACKWARD,
+        cases.append(Case(f"fused backward {label}", codelets.FUSED_BACKWARD,
                           [x, packed, grad, np.zeros_like(x), np.zeros_like(packed)],
                           ["R", "R", "R", "W", "W"], dict(kwargs, needs=needs), chain=8))
     return cases
@@ -110,11 +114,11 @@ def cases(rng: np.random.Generator, dtype) -> list[Case]:
     geometry = dict(kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
     x = _normal(rng, (2, 3, 9, 8), dtype)
     cols_shape = conv.columns_shape(x.shape, **geometry)
-    out.append(Case("conv unfold", functional.UNFOLD, [x, np.zeros(cols_shape, dtype)], ["R", "W"], geometry))
-    out.append(Case("conv fold", functional.FOLD, [_normal(rng, cols_shape, dtype), np.zeros_like(x)],
+    out.append(Case("conv unfold", codelets.UNFOLD, [x, np.zeros(cols_shape, dtype)], ["R", "W"], geometry))
+    out.append(Case("conv fold", codelets.FOLD, [_normal(rng, cols_shape, dtype), np.zeros_like(x)],
                     ["R", "W"], geometry))
     y = _normal(rng, (2, 5, 4, 3), dtype)
-    out.append(Case("bias add", functional.BIAS_ADD, [_normal(rng, (5,), dtype), y], ["R", "RW"],
+    out.append(Case("bias add", codelets.BIAS_ADD, [_normal(rng, (5,), dtype), y], ["R", "RW"],
                     {"axis": 1, "span": 1}))
-    out.append(Case("bias grad", functional.BIAS_GRAD, [y, np.zeros(5, dtype)], ["R", "W"], {"axis": 1, "span": 1}))
+    out.append(Case("bias grad", codelets.BIAS_GRAD, [y, np.zeros(5, dtype)], ["R", "W"], {"axis": 1, "span": 1}))
     return out + fused_cases(rng, dtype)

@@ -76,7 +76,7 @@ def check_policies(data: dict) -> None:
         for w in run["workloads"].values():
             assert w["max_rel_error"] <= w["tolerance"]
     import lotus_rt.starpu
-    from lotus_rt import config
+    from lotus_rt.runtime import settings as config
     version = lotus_rt.starpu.version()
     refused = set(lotus_rt.starpu.policies()) - set(config.usable_policies(lotus_rt.starpu.policies(), version))
     assert {s["policy"] for s in data["skipped"]} == refused
@@ -160,16 +160,7 @@ CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_
           "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero}
 
 
-def scenario_params():
-    layers_missing = not (REPO_ROOT / "benchmarks" / "layers_bench.py").exists()
-    for name in CHECKS:
-        marks = []
-        if name == "layers" and layers_missing:
-            marks = [pytest.mark.skip(reason="benchmarks/layers_bench.py does not exist yet")]
-        yield pytest.param(name, marks=marks, id=name)
-
-
-@pytest.mark.parametrize("name", scenario_params())
+@pytest.mark.parametrize("name", list(CHECKS))
 def test_scenario_quick_writes_json_and_png(name, tmp_path):
     if name in NEEDS_STARPU and starpu_skip_reason():
         pytest.skip(starpu_skip_reason())

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from conftest import describe, run_python, starpu_skip_reason
-from lotus_rt import config, perfmodels
+from lotus_rt.runtime import omp, perfmodels
+from lotus_rt.runtime import settings as config
 
 SKIP_REASON = starpu_skip_reason()
 
@@ -102,8 +103,16 @@ def test_info_reports_runtime_models_and_every_setting(tmp_path):
                  "LOTUS_TILE", "LOTUS_IDLE_PAUSE", "LOTUS_FUSE", "LOTUS_PRECISION", "LOTUS_HEAP"):
         assert f"  {name}=" in text, name
     assert "LOTUS_TILE=16\n" in text and "LOTUS_OPTIMIZE=auto (default)" in text
-    assert "STARPU_SCHED=dmda" in text
+    assert "STARPU_SCHED=dmda" in text and "StarPU settings:\n" in text
     assert "Heap (freed memory kept for the next step): glibc keeps freed memory" in text
+
+
+@pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+def test_info_says_when_no_starpu_variable_is_set(tmp_path):
+    unset = tuple(name for name in os.environ if name.startswith("STARPU_"))
+    proc = _cli("info", env={"HOME": str(tmp_path)}, unset=unset)  # StarPU's files under HOME/.starpu
+    assert proc.returncode == 0, describe(proc)
+    assert "StarPU settings: none set (StarPU's defaults)" in proc.stdout
 
 
 def test_info_with_a_bad_setting_is_one_clear_error():
@@ -154,7 +163,6 @@ def test_bench_list_names_every_scenario():
 
 
 def test_shorten_spin_sets_gomp_spincount_unless_chosen_or_too_late(monkeypatch):
-    from lotus_rt import omp
     monkeypatch.setattr(omp, "libgomp_loaded", lambda: False)
     env = {"PATH": "/bin"}
     assert omp.shorten_spin(env) == "set" and env["GOMP_SPINCOUNT"] == omp.SPINCOUNT
@@ -166,13 +174,14 @@ def test_shorten_spin_sets_gomp_spincount_unless_chosen_or_too_late(monkeypatch)
     monkeypatch.setattr(omp, "libgomp_loaded", lambda: True)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert omp.shorten_spin() == "late" and "GOMP_SPINCOUNT" not in os.environ
+    assert omp.shorten_spin(os.environ) == "late" and "GOMP_SPINCOUNT" not in os.environ
+    env = {}
+    assert omp.shorten_spin(env, this_process=False) == "set" and env["GOMP_SPINCOUNT"] == omp.SPINCOUNT
 
 
 def test_lotus_rt_programs_pass_the_short_spin_to_what_they_run():
     """`lotus-rt trace -- cmd` runs cmd with GOMP_SPINCOUNT set (set before torch could load)."""
     code = "import os; print('spin=' + str(os.environ.get('GOMP_SPINCOUNT')))"
-    from lotus_rt import omp
     run = _cli("trace", "-o", "unused.json", "--", sys.executable, "-c", code,
                unset=("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))
     assert f"spin={omp.SPINCOUNT}" in run.stdout, describe(run)

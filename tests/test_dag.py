@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lotus_rt
-from lotus_rt.config import Settings
+from lotus_rt.runtime.settings import Settings
 
 # ---------------------------------------------------------------------- bodies
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import lotus_rt
 from lotus_rt import tn
-from lotus_rt.config import Settings
+from lotus_rt.runtime.settings import Settings
 from lotus_rt.tn import lower
 from conftest import starpu_runtime_or_skip
 
@@ -380,10 +380,10 @@ def reorder_every_intermediate(monkeypatch):
     plan = importlib.import_module("lotus_rt.tn.plan")  # lotus_rt.tn.plan is also a function's name
     monkeypatch.setattr(layouts, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(gemm_layout, "BYTES_PER_GEMM", 0)
-    plan._build_plan.cache_clear()
+    plan.PLANS.clear()
     gemm_layout._cache.clear()
     yield
-    plan._build_plan.cache_clear()
+    plan.PLANS.clear()
     gemm_layout._cache.clear()
 
 
@@ -519,8 +519,8 @@ def test_tiled_tasks_run_on_several_workers(rng):
 
 
 def _fake_runtime(nworkers: int):
-    """Just what planning reads from a runtime: its worker list."""
-    return types.SimpleNamespace(workers=[("cpu", f"CPU {k}") for k in range(nworkers)])
+    """Just what planning reads from a runtime: its worker list and settings."""
+    return types.SimpleNamespace(workers=[("cpu", f"CPU {k}") for k in range(nworkers)], settings=Settings())
 
 
 def test_plan_cache_returns_the_same_plan(rng):
@@ -677,22 +677,53 @@ def test_bad_tile_rejected_even_when_an_equal_plan_is_cached():
     ("LOTUS_TILE", "0", r"LOTUS_TILE='0'"),
 ])
 def test_bad_environment_is_a_config_error(monkeypatch, name, value, message):
+    """A bad value is refused when the runtime reads the environment (start or reconfigure),
+    before anything runs; the settings in force stay as they were."""
     runtime = _quiet_runtime()
+    before = runtime.settings
     monkeypatch.setenv(name, value)
     with pytest.raises(lotus_rt.ConfigError, match=message):
-        tn.einsum("ij,jk->ik", np.ones((3, 4)), np.ones((4, 5)))
+        runtime.reconfigure()
+    assert runtime.settings == before
     _assert_nothing_ran(runtime)
+    tn.einsum("ij,jk->ik", np.ones((3, 4)), np.ones((4, 5)))  # still the settings read at start
     monkeypatch.delenv(name)
-    tn.einsum("ij,jk->ik", np.ones((3, 4)), np.ones((4, 5)))  # read per call: fine again
 
 
-def test_environment_settings_are_used(monkeypatch):
+def test_environment_settings_are_used(lotus_env):
     a, b = np.ones((6, 4)), np.ones((4, 5))
-    monkeypatch.setenv("LOTUS_TILE", "2")
-    monkeypatch.setenv("LOTUS_OPTIMIZE", "greedy")
+    lotus_env(LOTUS_TILE="2", LOTUS_OPTIMIZE="greedy")
     p = tn.plan("ij,jk->ik", a, b)
     assert (p.tile, p.ntiles, p.optimizer) == (2, 3, "greedy")
     assert tn.plan("ij,jk->ik", a, b, tile=3, optimize="optimal").tile == 3  # arguments win
+
+
+def test_settings_are_read_once_not_per_call(monkeypatch):
+    """The environment reaches the planner only through the runtime's settings: a variable set
+    after the runtime read it changes nothing until reconfigure()."""
+    a, b = np.ones((6, 4)), np.ones((4, 5))
+    runtime = lotus_rt.runtime()
+    monkeypatch.setenv("LOTUS_TILE", "2")
+    assert runtime.settings.tile is None and tn.plan("ij,jk->ik", a, b).ntiles != 3
+    runtime.reconfigure()
+    try:
+        assert runtime.settings.tile == 2 and tn.plan("ij,jk->ik", a, b).ntiles == 3
+    finally:
+        monkeypatch.delenv("LOTUS_TILE")
+        runtime.reconfigure()
+    assert runtime.settings.tile is None
+
+
+def test_plan_cache_hits_and_misses_show_in_stats(rng):
+    runtime = lotus_rt.runtime()
+    a, b = rng.random((7, 5)), rng.random((5, 3))
+    runtime.stats(reset=True)
+    tn.plan("ij,jk->ik", a, b, optimize="greedy", tile=3)
+    tn.plan("ij,jk->ik", a, b, optimize="greedy", tile=3)
+    tn.plan("ij,jk->ik", a, b, optimize="greedy", tile=3)
+    plans = lotus_rt.stats(reset=True).caches["plans"]
+    assert plans.hits >= 2 and plans.misses <= 1 and plans.hits + plans.misses == 3
+    assert lotus_rt.stats().caches["plans"] == (0, 0)
 
 
 def test_bad_backward_calls(rng):

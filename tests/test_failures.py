@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lotus_rt
-from lotus_rt.config import Settings
+from lotus_rt.runtime.settings import Settings
 from conftest import starpu_skip_reason
 
 

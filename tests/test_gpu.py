@@ -26,8 +26,9 @@ import pytest
 import gpu_cases
 import lotus_rt
 from conftest import describe, gpu_skip_reason, run_python
-from lotus_rt import config
+from lotus_rt import tn
 from lotus_rt.kernels import contract, fused, precision
+from lotus_rt.runtime import settings as config
 
 gpu = pytest.mark.gpu
 
@@ -59,8 +60,8 @@ def _error(actual: np.ndarray, expected: np.ndarray) -> float:
 def test_lotus_precision_setting(raw, value):
     env = {} if raw is None else {"LOTUS_PRECISION": raw}
     assert config.read_settings(env).precision == value
-    report = config.lotus_env_report(config.read_settings(env), env)["LOTUS_PRECISION"]
-    assert report.startswith(value) and report.endswith("(default)") == (raw is None)
+    report = config.read_settings(env).report()["LOTUS_PRECISION"]
+    assert report.startswith(value) and report.endswith("(default)") == (not raw)  # empty: unset
 
 
 @pytest.mark.parametrize("raw", ["fp64", "half", "1", "tf-32"])
@@ -185,9 +186,10 @@ class CuBLASModel:
         cublas = types.SimpleNamespace(
             CUBLAS_OP_N=0, CUBLAS_OP_T=1, CUBLAS_GEMM_DEFAULT=-1, CUBLAS_COMPUTE_32F=68,
             CUBLAS_COMPUTE_32F_PEDANTIC=69, CUBLAS_COMPUTE_32F_FAST_TF32=77, gemmStridedBatchedEx=self._gemm)
-        self.cuda = types.SimpleNamespace(cublas=cublas, runtime=types.SimpleNamespace(CUDA_R_32F=0, CUDA_R_16F=2,
-                                                                                       CUDA_R_16BF=14),
-                                          device=types.SimpleNamespace(get_cublas_handle=lambda: 1))
+        runtime = types.SimpleNamespace(CUDA_R_32F=0, CUDA_R_16F=2, CUDA_R_16BF=14, getDevice=lambda: 0)
+        self.cuda = types.SimpleNamespace(cublas=cublas, runtime=runtime,
+                                          device=types.SimpleNamespace(get_cublas_handle=lambda: 1),
+                                          Device=lambda device_id=0: types.SimpleNamespace(compute_capability="90"))
         self.lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(
             as_strided=lambda x, shape, strides: _dev(np.lib.stride_tricks.as_strided(x, shape, strides))))
 
@@ -318,17 +320,17 @@ def test_float64_and_mismatched_shapes_on_the_gpu_path(rng):
 def test_gpu_code_paths_of_every_codelet_through_the_model(p, rng, monkeypatch):
     """The bodies' xp-generic code, run as on the GPU (every GEMM through the cuBLAS call),
     equals the CPU bodies within the precision's tolerance."""
-    monkeypatch.setattr(precision, "device_precision", lambda xp: p)
+    monkeypatch.setattr(precision, "device_precision", lambda xp, requested="auto": p)
     model = CuBLASModel()
     rtol, atol = precision.tolerance(p, np.float32)
     for case in gpu_cases.cases(rng, np.float32):
         if case.codelet.cuda in (contract.pair_gpu,):
             body = lambda *arrays, **kw: contract._pair(model, *arrays, kw["spec"], kw.get("a_slice"),  # noqa: E731
-                                                        kw.get("b_slice"), kw.get("out_slice"))
+                                                        kw.get("b_slice"), kw.get("out_slice"), p)
         elif case.codelet.cuda is fused.forward_gpu:
-            body = lambda *arrays, **kw: fused._run_forward(model, *arrays, **kw)  # noqa: E731
+            body = lambda *arrays, key, **kw: fused._run_forward(model, *arrays, **kw)  # noqa: E731
         elif case.codelet.cuda is fused.backward_gpu:
-            body = lambda *arrays, **kw: fused._run_backward(model, *arrays, **kw)  # noqa: E731
+            body = lambda *arrays, key, **kw: fused._run_backward(model, *arrays, **kw)  # noqa: E731
         else:
             continue  # no GEMM, or a body that imports cupy itself: covered by the gpu tests
         arrays = [_dev(a.copy()) for a in case.arrays]
@@ -413,15 +415,31 @@ def test_bf16_kernel_rounds_like_the_numpy_reference(cupy):
     np.testing.assert_array_equal(widened, precision.round_to("bf16", x))  # NaN == NaN here
 
 
-@gpu
-def test_policy_is_read_from_the_environment_once(cupy):
-    code = ("import os, cupy; from lotus_rt.kernels import precision; print(precision.device_precision(cupy)); "
-            "os.environ['LOTUS_PRECISION'] = 'fp16'; print(precision.device_precision(cupy))")
-    cc = int(cupy.cuda.Device().compute_capability)
-    for env, expected in (({"LOTUS_PRECISION": "bf16"}, "bf16"), ({}, "tf32" if cc >= 80 else "fp32")):
-        proc = run_python(code, env=env, unset=[] if env else ["LOTUS_PRECISION"])
-        assert proc.returncode == 0, describe(proc)
-        assert proc.stdout.split() == [expected, expected], describe(proc)
+def test_the_runtime_precision_reaches_every_gemm_body(rng, monkeypatch):
+    """LOTUS_PRECISION is read once, when the runtime starts (or reconfigures), and handed to
+    every codelet body that multiplies: the einsum pair steps and the fused layer bodies."""
+    rt = lotus_rt.Runtime(config.read_settings({"LOTUS_ENGINE": "inline", "LOTUS_PRECISION": "bf16"}))
+    seen = []
+    submit = rt.submit
+
+    def recording_submit(codelet, *accesses, **kwargs):
+        seen.append((codelet.name, kwargs.get("precision")))
+        return submit(codelet, *accesses, **kwargs)
+
+    monkeypatch.setattr(rt, "submit", recording_submit)
+    monkeypatch.setattr(tn, "runtime", lambda: rt)
+    try:
+        a, b = rng.standard_normal((6, 5)), rng.standard_normal((5, 4))
+        np.testing.assert_allclose(tn.einsum("ij,jk->ik", a, b), a @ b, rtol=1e-12)
+        assert ("contract_pair", "bf16") in seen and all(p == "bf16" for n, p in seen if n == "contract_pair")
+        rt.reconfigure(precision="fp16")
+        seen.clear()
+        tn.einsum("ij,jk->ik", a, b)
+        assert seen and all(p == "fp16" for n, p in seen if n == "contract_pair")
+    finally:
+        rt.shutdown()
+    for case in gpu_cases.fused_cases(rng, np.float32):  # the fused bodies take it as an argument too
+        assert "precision" in case.kwargs
 
 
 CUDA_ONLY_SCRIPT = textwrap.dedent("""
@@ -430,7 +448,8 @@ CUDA_ONLY_SCRIPT = textwrap.dedent("""
     import cupy, numpy as np, lotus_rt, gpu_cases
     from lotus_rt.kernels import precision
     rt = lotus_rt.runtime()
-    report = {"workers": rt.workers, "precision": precision.device_precision(cupy), "cases": []}
+    report = {"workers": rt.workers, "precision": precision.device_precision(cupy, rt.settings.precision),
+              "cases": []}
     rng = np.random.default_rng(11)
     for dtype in (np.float32, np.float64):
         for case in gpu_cases.cases(rng, dtype):
@@ -540,7 +559,7 @@ def test_offloaded_layers_on_a_cuda_starpu_match_the_inline_engine(cupy, tmp_pat
         assert proc.stdout.strip().endswith("ENGINE starpu ['cuda']" if label == "cuda" else "ENGINE inline ['cpu']"), \
             describe(proc)
     gpu_run, inline_run = np.load(tmp_path / "cuda.npz"), np.load(tmp_path / "inline.npz")
-    p = precision.device_precision(cupy)
+    p = precision.device_precision(cupy, "auto")
     for key in inline_run.files:
         dtype = key.split("/")[1]
         rtol, atol = precision.tolerance(p, dtype)

@@ -28,9 +28,9 @@ def _layers():
 
 
 @pytest.fixture(params=["off", "on"])
-def fuse(request, monkeypatch):
+def fuse(request, lotus_env):
     """Each test using it runs once as task DAGs (LOTUS_FUSE=off) and once fused (on)."""
-    monkeypatch.setenv("LOTUS_FUSE", request.param)
+    lotus_env(LOTUS_FUSE=request.param)
     return request.param
 
 
@@ -163,14 +163,14 @@ def test_from_conv_with_vbmf_ranks():
 
 
 @pytest.mark.parametrize("make, shape", _layers())
-def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, monkeypatch, fuse):
+def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, lotus_env, fuse):
     """LOTUS_TILE=1 cuts the batch into one-sample tiles (independent task chains, or one fused
     task per tile; parameter gradients summed from per-tile partials): same results as one tile."""
     layer = lotus_rt.offload(make())
     x = torch.randn(shape, dtype=D, requires_grad=True)
     results = []
     for rows in ("1000", "1"):
-        monkeypatch.setenv("LOTUS_TILE", rows)
+        lotus_env(LOTUS_TILE=rows)
         layer.zero_grad()
         x.grad = None
         y = layer(x)
@@ -181,34 +181,34 @@ def test_batch_tiles_give_the_same_outputs_and_gradients(make, shape, monkeypatc
 
 
 def test_batch_tiles_follow_the_work_and_lotus_tile():
-    from lotus_rt.nn import functional
-    assert functional.batch_tiles(8, 1e9, 2, rows=3) == [(0, 3), (3, 6), (6, 8)]
+    from lotus_rt.layers import tiles
+    assert tiles.batch_tiles(8, 1e9, 2, rows=3) == [(0, 3), (3, 6), (6, 8)]
     # too little work for each worker to get a task's worth: one tile
-    assert functional.batch_tiles(8, 1.5 * functional.SPLIT_FLOPS, 2) == [(0, 8)]
+    assert tiles.batch_tiles(8, 1.5 * tiles.SPLIT_FLOPS, 2) == [(0, 8)]
     # less than TILE_FLOPS, but a task's worth per worker: one tile per worker
-    assert functional.batch_tiles(8, 2.5 * functional.SPLIT_FLOPS, 2) == [(0, 4), (4, 8)]
-    assert functional.batch_tiles(9, 3.5 * functional.SPLIT_FLOPS, 3) == [(0, 3), (3, 6), (6, 9)]
+    assert tiles.batch_tiles(8, 2.5 * tiles.SPLIT_FLOPS, 2) == [(0, 4), (4, 8)]
+    assert tiles.batch_tiles(9, 3.5 * tiles.SPLIT_FLOPS, 3) == [(0, 3), (3, 6), (6, 9)]
     # fused layers (a tile is one task) split at a lower bar
-    assert functional.batch_tiles(8, 0.6 * functional.SPLIT_FLOPS, 2, split_flops=functional.FUSED_SPLIT_FLOPS) \
+    assert tiles.batch_tiles(8, 0.6 * tiles.SPLIT_FLOPS, 2, split_flops=tiles.FUSED_SPLIT_FLOPS) \
         == [(0, 4), (4, 8)]
-    assert functional.batch_tiles(8, 1.2 * functional.FUSED_SPLIT_FLOPS, 2,
-                                  split_flops=functional.FUSED_SPLIT_FLOPS) == [(0, 8)]
+    assert tiles.batch_tiles(8, 1.2 * tiles.FUSED_SPLIT_FLOPS, 2,
+                                  split_flops=tiles.FUSED_SPLIT_FLOPS) == [(0, 8)]
     # enough work for one tile is still cut into one tile per worker
-    assert functional.batch_tiles(256, 1.2 * functional.TILE_FLOPS, 2) == [(0, 128), (128, 256)]
+    assert tiles.batch_tiles(256, 1.2 * tiles.TILE_FLOPS, 2) == [(0, 128), (128, 256)]
     # lots of work: at most MAX_TILES_PER_WORKER per worker, never more tiles than samples
-    tiles = functional.batch_tiles(256, 1000 * functional.TILE_FLOPS, 2)
-    assert len(tiles) == 2 * functional.MAX_TILES_PER_WORKER
-    assert tiles[0][0] == 0 and tiles[-1][1] == 256 and all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
-    assert len(functional.batch_tiles(3, 1000 * functional.TILE_FLOPS, 2)) == 3
-    assert functional.batch_tiles(1, 1000 * functional.TILE_FLOPS, 2) == [(0, 1)]
+    cut = tiles.batch_tiles(256, 1000 * tiles.TILE_FLOPS, 2)
+    assert len(cut) == 2 * tiles.MAX_TILES_PER_WORKER
+    assert cut[0][0] == 0 and cut[-1][1] == 256 and all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+    assert len(tiles.batch_tiles(3, 1000 * tiles.TILE_FLOPS, 2)) == 3
+    assert tiles.batch_tiles(1, 1000 * tiles.TILE_FLOPS, 2) == [(0, 1)]
 
 
 @pytest.mark.parametrize("make, shape", _layers())
-def test_fused_tiles_with_frozen_parameters(make, shape, monkeypatch):
+def test_fused_tiles_with_frozen_parameters(make, shape, lotus_env):
     """Fused, one-sample tiles, the input and the first parameter without gradients: the other
     gradients equal torch's on the same factors, and the frozen ones stay None."""
-    monkeypatch.setenv("LOTUS_FUSE", "on")
-    monkeypatch.setenv("LOTUS_TILE", "1")
+    lotus_env(LOTUS_FUSE="on")
+    lotus_env(LOTUS_TILE="1")
     reference = make()
     layer = lotus_rt.offload(copy.deepcopy(reference))
     for module in (reference, layer):
@@ -234,12 +234,12 @@ def test_fused_tiles_with_frozen_parameters(make, shape, monkeypatch):
 ])
 @pytest.mark.parametrize("kernel", [(3, 2), (3, 3)])
 def test_unfold_matches_torch_and_fold_is_its_adjoint(kernel, stride, padding, dilation, rng):
-    from lotus_rt.nn import functional
+    from lotus_rt import layers
     from lotus_rt.kernels import conv as conv_kernels
-    geometry = functional.ConvGeometry(kernel, *((v, v) if isinstance(v, int) else v
+    geometry = layers.ConvGeometry(kernel, *((v, v) if isinstance(v, int) else v
                                                  for v in (stride, padding, dilation)))
     x = rng.standard_normal((2, 3, 7, 8))
-    cols = np.full(functional.unfolded_shape(x.shape, geometry), np.nan)  # every element must be written
+    cols = np.full(layers.unfolded_shape(x.shape, geometry), np.nan)  # every element must be written
     conv_kernels.unfold_cpu(x, cols, **geometry.kwargs())
     c, kh, kw, n, ho, wo = cols.shape
     reference = F.unfold(torch.from_numpy(x), kernel, dilation=geometry.dilation, padding=geometry.padding,
@@ -277,8 +277,8 @@ def test_tensorize_with_vbmf_ranks_handles_convolutions_and_linears():
 
 
 @pytest.mark.parametrize("mode, fused", [("on", True), ("off", False), ("auto", True)])
-def test_fuse_setting_decides_between_one_task_and_a_dag(mode, fused, monkeypatch):
-    monkeypatch.setenv("LOTUS_FUSE", mode)
+def test_fuse_setting_decides_between_one_task_and_a_dag(mode, fused, lotus_env):
+    lotus_env(LOTUS_FUSE=mode)
     layer = lotus_rt.offload(lotus_rt.CPConv2d(4, 6, 3, rank=3, padding=1, dtype=D))
     x = torch.randn(2, 4, 7, 7, dtype=D, requires_grad=True)
     rt = lotus_rt.runtime()
@@ -294,17 +294,17 @@ def test_fuse_setting_decides_between_one_task_and_a_dag(mode, fused, monkeypatc
 
 @pytest.mark.parametrize("mode, codelet_name", [("off", "FOLD"), ("off", "BIAS_GRAD"), ("on", "FUSED_BACKWARD"),
                                                 ("on", "FUSED_FORWARD")])
-def test_a_failing_layer_task_surfaces_and_the_layer_still_works(mode, codelet_name, monkeypatch):
+def test_a_failing_layer_task_surfaces_and_the_layer_still_works(mode, codelet_name, monkeypatch, lotus_env):
     """One tile's task raises: the layer call raises CodeletError naming it (no hang), the other
     tiles' tasks are waited for, and the same layer then trains correctly on the same runtime."""
     from lotus_rt.errors import CodeletError
-    from lotus_rt.nn import functional
-    monkeypatch.setenv("LOTUS_FUSE", mode)
-    monkeypatch.setenv("LOTUS_TILE", "1")
+    from lotus_rt.layers import codelets
+    lotus_env(LOTUS_FUSE=mode)
+    lotus_env(LOTUS_TILE="1")
     reference = lotus_rt.TuckerConv2d(3, 4, 3, ranks=(2, 3), padding=1, dtype=D)
     layer = lotus_rt.offload(copy.deepcopy(reference))
     x = torch.randn(3, 3, 6, 6, dtype=D, requires_grad=True)
-    codelet = getattr(functional, codelet_name)
+    codelet = getattr(codelets, codelet_name)
     body, calls = codelet.cpu, []
 
     def fails_on_the_second_tile(*arrays, **kwargs):

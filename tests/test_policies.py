@@ -17,7 +17,7 @@ import pytest
 
 import lotus_rt
 import lotus_rt.starpu
-from lotus_rt import config
+from lotus_rt.runtime import settings as config
 from conftest import run_python, starpu_skip_reason
 
 SKIP_REASON = starpu_skip_reason()
@@ -383,15 +383,15 @@ HEAP_CODE = r"""
 import resource
 import numpy as np
 import lotus_rt
-from lotus_rt import heap
-lotus_rt.runtime()
+from lotus_rt.runtime import heap
+rt = lotus_rt.runtime()
 faults = []
 for _ in range(3):   # what one training step does with its large arrays: allocate, fill, free
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = np.empty(24 * 2**20 // 8); a.fill(1.5); del a
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print("FAULTS", *faults)
-print("REPORT", heap.report())
+print("REPORT", heap.report(rt.settings.outside))
 """
 
 

@@ -4,7 +4,7 @@ Each tensorized layer holds its factors as parameters and has two forward paths:
 ``offloaded=False`` (the default) runs the factorization in torch eager (torch.einsum /
 F.conv2d pieces: the reference, and the baseline of the benchmarks); ``offloaded=True``
 (set by ``lotus_rt.offload``) runs it as task DAGs on the runtime through one autograd
-Function (see ``lotus_rt.nn.functional`` for the programs). Factor layouts:
+Function (see ``lotus_rt.layers`` for the programs). Factor layouts:
 
 - TTLinear: cores G_k (r_{k-1}, in_k, out_k, r_k), r_0 = r_d = 1 (Novikov et al. 2015).
 - TuckerConv2d: first (C_in, R_in), core (R_out, R_in, kh, kw), last (C_out, R_out): a 1x1, a
@@ -25,7 +25,7 @@ from torch import nn
 
 from lotus_rt import decompose
 from lotus_rt.nn.autograd import run_program
-from lotus_rt.nn.functional import ConvGeometry, Program
+from lotus_rt.layers import ConvGeometry, Program
 
 
 def _pair(value, name: str) -> tuple[int, int]:

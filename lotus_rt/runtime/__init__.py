@@ -16,32 +16,37 @@ reaches the engine.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import sys
 import threading
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from lotus_rt import config, heap
-from lotus_rt.errors import StarPUUnavailable
+from lotus_rt.errors import ConfigError, StarPUUnavailable
+from lotus_rt.runtime import heap, settings as settings_module
+from lotus_rt.runtime.counters import RunStats, cache_stats
 from lotus_rt.runtime.core import (Codelet, ErrorLog, Future, Handle, Task, TaskRecord, WorkerStats,
                                    check_priority, parse_accesses, raise_collected, task_name,
                                    validate_array, validate_cuda_array)
 from lotus_rt.runtime.inline import InlineEngine
+from lotus_rt.runtime.settings import Settings
 
-__all__ = ["Runtime", "runtime", "shutdown", "Codelet", "Handle", "Future", "WorkerStats", "TaskRecord"]
+__all__ = ["Runtime", "runtime", "shutdown", "Codelet", "Handle", "Future", "WorkerStats", "TaskRecord",
+           "Settings", "RunStats"]
 
 
 class Runtime:
     """One engine plus the bookkeeping every engine shares (errors, live handles)."""
 
-    def __init__(self, settings: config.Settings | None = None):
-        settings = config.read_settings() if settings is None else settings
+    def __init__(self, settings: Settings | None = None):
+        settings = settings_module.read_settings() if settings is None else settings
         if settings.heap == "keep":
-            heap.keep_freed_memory()
+            heap.keep_freed_memory(settings.outside)
+        self._settings = settings
         self._errors = ErrorLog()
         self._trace_file = settings.trace_file
         self._engine = self._start_engine(settings)
@@ -51,7 +56,7 @@ class Runtime:
         self._live: weakref.WeakSet[Handle] = weakref.WeakSet()
         self._closed = False
 
-    def _start_engine(self, settings: config.Settings) -> Any:
+    def _start_engine(self, settings: Settings) -> Any:
         if settings.engine == "inline":
             return InlineEngine(settings, self._errors)
         from lotus_rt.runtime.starpu_engine import StarPUEngine
@@ -78,6 +83,31 @@ class Runtime:
     @property
     def policy(self) -> str:
         return self._engine.policy
+
+    @property
+    def settings(self) -> Settings:
+        """The LOTUS_* settings in force, read from the environment when this runtime started
+        (or at the last ``reconfigure()``); the layers and the planner take their choices here."""
+        return self._settings
+
+    def reconfigure(self, env: Mapping[str, str] | None = None, **changes: Any) -> Settings:
+        """Re-read the knobs a running runtime can change (LOTUS_OPTIMIZE, LOTUS_TILE,
+        LOTUS_FUSE, LOTUS_PRECISION, LOTUS_IDLE_PAUSE) from the environment (or ``env``), then
+        apply ``changes`` (e.g. ``tile=4``, ``fuse="on"``). The engine, tracing and heap
+        settings change only with a restart (``lotus_rt.shutdown()``, then ``runtime()``):
+        asking for another value of one is a ConfigError. Returns the new settings."""
+        self._check_open()
+        fixed = sorted(set(changes) - set(settings_module.LIVE_KNOBS))
+        if fixed:
+            raise ConfigError(f"reconfigure(): {fixed[0]!r} cannot change while the runtime runs; live "
+                              f"settings: {', '.join(settings_module.LIVE_KNOBS)}")
+        new = settings_module.refreshed(self._settings, settings_module.read_settings(env))
+        if changes:
+            new = settings_module.with_changes(new, **changes)
+        if new.idle_pause != self._settings.idle_pause:
+            self._engine.set_idle_pause(new.idle_pause)
+        self._settings = new
+        return new
 
     @property
     def priority_range(self) -> tuple[int, int]:
@@ -187,15 +217,33 @@ class Runtime:
         """Wait for every submitted task; raise the first codelet failure not yet reported."""
         self._check_open()
         self._check_not_in_task("wait()")
+        if self._engine.user_paused():
+            raise RuntimeError("wait() inside runtime.paused(): the paused workers would never finish "
+                               "the tasks; leave the paused() block first")
         self._engine.wait_all()
         raise_collected(self._errors.take())
 
     # ------------------------------------------------------------------ observation
 
-    def stats(self, reset: bool = False) -> list[WorkerStats]:
-        """Per worker: tasks run and seconds spent running them (since start or last reset)."""
+    def stats(self, reset: bool = False) -> RunStats:
+        """Per worker: tasks run and seconds spent running them (since start or last reset).
+
+        The list also carries ``.caches``: hits and misses of lotus_rt's caches (``"plans"``:
+        the planner's) since the last reset."""
         self._check_open()
-        return self._engine.stats(reset)
+        return RunStats(self._engine.stats(reset), cache_stats(reset))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep the workers asleep inside the block (e.g. while a reference computation is
+        timed beside them); tasks submitted meanwhile are held until the block ends. Nests. (The
+        inline engine runs each task at submit: there it changes nothing.)"""
+        self._check_open()
+        self._engine.user_pause()
+        try:
+            yield
+        finally:
+            self._engine.user_resume()
 
     def trace(self, clear: bool = False) -> list[TaskRecord]:
         """Per finished task: id, name, worker, kind, start and end (s since runtime start)."""
@@ -224,7 +272,7 @@ class Runtime:
                           f"first: {pending[0]}", RuntimeWarning, stacklevel=2)
 
     def _write_trace_file(self) -> None:
-        from lotus_rt import tracing
+        from lotus_rt.runtime import tracing
         records = self._engine.trace(False)
         try:
             path = tracing.export(records, [name for _, name in self.workers], self._trace_file,

@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from lotus_rt.errors import CodeletError, ConfigError
+from lotus_rt.errors import CodeletError
 
 MODES = ("R", "W", "RW")
 NAME_MAX = 47  # StarPU task names are copied into 48-byte C buffers

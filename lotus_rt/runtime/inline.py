@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from lotus_rt.config import Settings
 from lotus_rt.runtime.core import ErrorLog, Task, TaskRecord, WorkerStats, monotonic, run_body
+from lotus_rt.runtime.settings import Settings
 
 WORKER = "inline"
 
@@ -78,6 +78,19 @@ class InlineEngine:
 
     def wait_all(self) -> None:
         pass
+
+    # tasks run at submit, in the submitting thread: there is nothing to pause
+    def set_idle_pause(self, enabled: bool) -> None:
+        pass
+
+    def user_pause(self) -> None:
+        pass
+
+    def user_resume(self) -> None:
+        pass
+
+    def user_paused(self) -> bool:
+        return False
 
     def stats(self, reset: bool) -> list[WorkerStats]:
         with self._lock:

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from lotus_rt import config
-from lotus_rt.config import Settings
 from lotus_rt.errors import StarPUUnavailable
+from lotus_rt.runtime import settings as settings_module
+from lotus_rt.runtime.settings import Settings
 from lotus_rt.runtime.core import CudaArray, ErrorLog, Task, TaskRecord, WorkerStats, footprint, run_body
 from lotus_rt.starpu import load, policies, version
 
@@ -98,9 +98,8 @@ class StarPUEngine:
         if _active is not None:
             raise RuntimeError("a StarPU engine is already running in this process; shut it down first")
         self._ffi, self._lib = load()
-        config.check_starpu_env(policies(), starpu_version=version())
-        # StarPU's own signal handlers would swallow Ctrl-C; keep Python's unless the user asks.
-        os.environ.setdefault("STARPU_CATCH_SIGNALS", "0")
+        settings_module.check_starpu_env(policies(), settings.starpu_env(), starpu_version=version())
+        settings_module.prepare_starpu_environment()
         _define_entry_point(self._ffi, self._lib)
         ret = self._lib.lotus_init(1)
         if ret != 0:
@@ -126,9 +125,7 @@ class StarPUEngine:
         self._lib.lotus_trace_configure(int(settings.trace), settings.trace_capacity)
         self._trace_capacity = settings.trace_capacity
         self._blas_limits = _limit_blas_threads(sum(kind == "cpu" for kind, _ in self.workers))
-        # Not with CUDA workers yet: whether a paused CUDA worker still serves the transfers an
-        # unregister or acquire needs is untested (no GPU run so far).
-        self._lib.lotus_idle_pause_configure(int(settings.idle_pause and not self._pin), START_BATCH)
+        self.set_idle_pause(settings.idle_pause)
 
     def _worker_name(self, worker_id: int) -> str:
         buf = self._ffi.new("char[128]")
@@ -270,6 +267,21 @@ class StarPUEngine:
     def start_held_tasks(self) -> None:
         self._lib.lotus_start_held()
 
+    def set_idle_pause(self, enabled: bool) -> None:
+        # Not with CUDA workers yet: whether a paused CUDA worker still serves the transfers an
+        # unregister or acquire needs is untested (no GPU run so far).
+        self._lib.lotus_idle_pause_configure(int(enabled and not self._pin), START_BATCH)
+
+    def user_pause(self) -> None:
+        self._lib.lotus_user_pause()
+
+    def user_resume(self) -> None:
+        if self._lib.lotus_user_resume() != 0:
+            raise RuntimeError("resume without a matching pause")
+
+    def user_paused(self) -> bool:
+        return self._lib.lotus_user_paused() > 0
+
     def _drain_orphans(self) -> None:
         while self._orphans:
             ref, array = self._orphans.pop()
@@ -308,6 +320,8 @@ class StarPUEngine:
 
     def shutdown(self) -> None:
         global _active
+        while self._lib.lotus_user_resume() == 0:  # starpu_shutdown needs running workers
+            pass
         self.wait_all()
         self._lib.lotus_idle_pause_configure(0, START_BATCH)  # resumes: starpu_shutdown needs the workers
         self._lib.lotus_shutdown()

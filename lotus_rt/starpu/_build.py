@@ -6,6 +6,9 @@ first on ``PKG_CONFIG_PATH`` and its library directory is baked in as an rpath).
 names lotus_* functions from ``_shim.c``, whose signatures do not depend on the StarPU version.
 
     python -m lotus_rt.starpu._build      # compile in place (what setup.py does via cffi_modules)
+
+pkg-config runs only when a build asks for the FFI (``make_ffibuilder()``, which setup.py names
+in ``cffi_modules``), never when the package is imported.
 """
 from __future__ import annotations
 
@@ -44,7 +47,6 @@ int lotus_worker_count(void);
 int lotus_worker_kind(int id);
 void lotus_worker_name(int id, char *dst, size_t maxlen);
 int lotus_current_worker(void);
-int lotus_cuda_worker_count(void);
 int lotus_worker_stats(int id, int *executed_tasks, double *executing_us);
 double lotus_now_us(void);
 int lotus_min_priority(void);
@@ -75,6 +77,9 @@ void lotus_rec_release(lotus_rec *rec);
 int lotus_wait_all(void);
 void lotus_idle_pause_configure(int enabled, long batch);
 void lotus_start_held(void);
+void lotus_user_pause(void);
+int lotus_user_resume(void);
+int lotus_user_paused(void);
 
 int lotus_trace_configure(int enabled, size_t capacity);
 uint64_t lotus_trace_read(struct lotus_trace_entry *out, size_t max, size_t *copied);
@@ -136,7 +141,5 @@ def make_ffibuilder() -> FFI:
     return ffibuilder
 
 
-ffibuilder = make_ffibuilder()
-
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(HERE.parent.parent), verbose=False)
+    make_ffibuilder().compile(tmpdir=str(HERE.parent.parent), verbose=False)

@@ -148,8 +148,6 @@ static void lotus_worker_name(int id, char *dst, size_t maxlen)
 
 static int lotus_current_worker(void) { return starpu_worker_get_id(); }
 
-static int lotus_cuda_worker_count(void) { return (int)starpu_cuda_worker_get_count(); }
-
 static int lotus_worker_stats(int id, int *executed_tasks, double *executing_us)
 {
     struct starpu_profiling_worker_info info;
@@ -381,6 +379,41 @@ static void lotus_idle_pause_configure(int enabled, long batch)
     if (!enabled) lotus_resume_locked();
     else if (lotus_outstanding == 0) lotus_pause_locked();
     pthread_mutex_unlock(&lotus_pause_mutex);
+}
+
+/* A pause asked for by the user (the benchmarks pause the workers while a reference runs).
+ * StarPU's pause is a depth counter: these nest with each other and with the idle pause. */
+static int lotus_user_pauses = 0;
+
+static void lotus_user_pause(void)
+{
+    pthread_mutex_lock(&lotus_pause_mutex);
+    starpu_pause();
+    lotus_user_pauses++;
+    pthread_mutex_unlock(&lotus_pause_mutex);
+}
+
+/* Returns 0, or -1 when no user pause was held. */
+static int lotus_user_resume(void)
+{
+    int ret = -1;
+    pthread_mutex_lock(&lotus_pause_mutex);
+    if (lotus_user_pauses > 0) {
+        lotus_user_pauses--;
+        starpu_resume();
+        ret = 0;
+    }
+    pthread_mutex_unlock(&lotus_pause_mutex);
+    return ret;
+}
+
+static int lotus_user_paused(void)
+{
+    int depth;
+    pthread_mutex_lock(&lotus_pause_mutex);
+    depth = lotus_user_pauses;
+    pthread_mutex_unlock(&lotus_pause_mutex);
+    return depth;
 }
 
 /* Someone waits on tasks (wait_all, a future, unregister, acquire): held tasks must run. */

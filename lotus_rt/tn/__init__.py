@@ -20,11 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lotus_rt import config
 from lotus_rt.runtime import Handle, Runtime, runtime
 from lotus_rt.tn.lower import Forward, submit_backward, submit_forward
-from lotus_rt.tn.network import Network, parse
-from lotus_rt.tn.plan import Plan, build_plan
+from lotus_rt.tn.network import Network
+from lotus_rt.tn.plan import Plan, cached_plan
 
 __all__ = ["einsum", "forward", "backward", "plan", "plan_for", "Saved", "Plan", "Network"]
 
@@ -63,10 +62,12 @@ def plan(equation: str, *operands: Any, optimize: str | None = None, tile: int |
 
 
 def plan_for(equation: str, shapes: Sequence[tuple[int, ...]], dtype: Any, tile: int | None = None,
-             optimize: str | None = None, rt: Runtime | None = None) -> Plan:
-    """The plan for operands of these shapes (one dtype), for callers that lower it themselves."""
+             optimize: str | None = None, rt: Runtime | None = None, nworkers: int | None = None) -> Plan:
+    """The plan for operands of these shapes (one dtype), for callers that lower it themselves;
+    ``nworkers`` overrides the runtime's worker count (1: plan for one task running it all)."""
+    rt = rt or runtime()
     return _plan_shapes(equation, [tuple(s) for s in shapes], [np.dtype(dtype)] * len(shapes),
-                        optimize, tile, rt or runtime())
+                        optimize, tile, rt, nworkers)
 
 
 def _plan(equation: str, arrays: list[np.ndarray], optimize: str | None, tile: int | None,
@@ -74,38 +75,13 @@ def _plan(equation: str, arrays: list[np.ndarray], optimize: str | None, tile: i
     return _plan_shapes(equation, [a.shape for a in arrays], [a.dtype for a in arrays], optimize, tile, rt)
 
 
-# (equation, shapes, dtypes, optimizer, tile, workers) -> Plan: a layer asks for the same few
-# plans at every call, and skipping ``parse`` here saves most of a lookup's cost.
-_plans: dict[tuple, Plan] = {}
-_PLANS_LIMIT = 1024
-
-
 def _plan_shapes(equation: str, shapes: list[tuple[int, ...]], dtypes: list[np.dtype],
-                 optimize: str | None, tile: int | None, rt: Runtime) -> Plan:
-    if optimize is None or tile is None:
-        settings = config.read_settings()
-        optimize = settings.optimize if optimize is None else optimize
-        tile = settings.tile if tile is None else tile
-    nworkers = max(1, len(rt.workers))
-    try:
-        # type(tile): True and 2.0 equal 1 and 2 as keys, but build_plan must get to refuse them
-        key = (equation, tuple(map(tuple, shapes)), tuple(np.dtype(d).str for d in dtypes), optimize,
-               tile, type(tile), nworkers)
-        cached = _plans.get(key)
-    except TypeError:  # unhashable or odd arguments: parse() explains what is wrong
-        key = cached = None
-    if cached is not None:
-        return cached
-    net = parse(equation, shapes, dtypes)
-    if optimize not in config.path_optimizers():
-        raise ValueError(f"einsum: unknown path optimizer {optimize!r}; valid: "
-                         f"{', '.join(config.path_optimizers())}")
-    plan_ = build_plan(net, optimize, tile, nworkers)
-    if key is not None:
-        if len(_plans) >= _PLANS_LIMIT:
-            _plans.clear()
-        _plans[key] = plan_
-    return plan_
+                 optimize: str | None, tile: int | None, rt: Runtime, nworkers: int | None = None) -> Plan:
+    settings = rt.settings
+    optimize = settings.optimize if optimize is None else optimize
+    tile = settings.tile if tile is None else tile
+    nworkers = max(1, len(rt.workers)) if nworkers is None else nworkers
+    return cached_plan(equation, shapes, dtypes, optimize, tile, nworkers)
 
 
 class Saved:

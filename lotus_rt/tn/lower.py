@@ -73,7 +73,8 @@ def _submit_step(rt: Runtime, step: Step, inputs: list[Slot], out: Slot, out_mod
     if len(inputs) == 2:
         (a, b) = inputs
         rt.submit(PAIR, (a.handle, "R"), (b.handle, "R"), (out.handle, out_mode), priority=step.priority,
-                  name=name or "pair", spec=spec, a_slice=a.slab, b_slice=b.slab, out_slice=out.slab)
+                  name=name or "pair", spec=spec, a_slice=a.slab, b_slice=b.slab, out_slice=out.slab,
+                  precision=rt.settings.precision)
     else:
         (a,) = inputs
         rt.submit(UNARY, (a.handle, "R"), (out.handle, out_mode), priority=step.priority,
@@ -134,7 +135,6 @@ def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[i
     """
     plan, values = forward.plan, forward.values
     ninputs = len(plan.network.inputs)
-    producer = {step.output: step for step in plan.steps}
     needs = _nodes_needing_grad(plan, set(wrt))
     dtype = plan.network.dtype
     owned: list[Handle] = []

@@ -19,19 +19,27 @@ allows, there are at least as many chains as workers.
 Priorities come from the critical path: a step's priority grows with the work on the longest
 path from it to the output (its bottom level), so that long chains and shared steps start first.
 
-Plans are cached by (equation, shapes, dtype, optimizer, tile request, workers).
+The plan cache. ``cached_plan`` is the one cache of plans in lotus_rt (einsum, the layers,
+the fused layer bodies' plans all come through it): it is keyed by (equation, shapes, dtypes,
+optimizer, tile request, workers) *before* parsing, since a layer asks for the same few plans
+at every call and parsing costs most of a lookup; its hits and misses are counted under the
+name "plans" (``lotus_rt.stats().caches["plans"]``).
 """
 from __future__ import annotations
 
-import functools
 import math
+import threading
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import opt_einsum
 
 from lotus_rt.kernels.contract import PairSpec, UnarySpec, pair_spec
+from lotus_rt.runtime.counters import cache_counter
+from lotus_rt.runtime.settings import path_optimizers
 from lotus_rt.tn import layouts
-from lotus_rt.tn.network import Network
+from lotus_rt.tn.network import Network, parse
 
 ASSUMED_FLOPS = 2e10  # per CPU worker, for tile sizing only: tasks measured 14-29 GFLOP/s (float32, 2026-11-27)
 MIN_TASK_FLOPS = ASSUMED_FLOPS * 1e-3  # ~1 ms: StarPU's guidance for a CPU task
@@ -89,16 +97,66 @@ def _dedupe(indices) -> str:
     return "".join(dict.fromkeys(indices))
 
 
+class PlanCache:
+    """Plans by key, at most ``limit`` of them (cleared when full), hits and misses counted."""
+
+    def __init__(self, limit: int = 1024):
+        self.limit = limit
+        self._plans: dict[tuple, Plan] = {}
+        self._lock = threading.Lock()
+        self.counter = cache_counter("plans")
+
+    def get(self, key: tuple) -> Plan | None:
+        plan = self._plans.get(key)
+        if plan is None:
+            self.counter.miss()
+        else:
+            self.counter.hit()
+        return plan
+
+    def put(self, key: tuple, plan: Plan) -> None:
+        with self._lock:
+            if len(self._plans) >= self.limit:
+                self._plans.clear()
+            self._plans[key] = plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+PLANS = PlanCache()
+
+
+def cached_plan(equation: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[object], optimizer: str,
+                tile: int | None, nworkers: int) -> Plan:
+    """The plan of ``equation`` for operands of these shapes and dtypes, from the plan cache
+    (planned and stored on a miss). Bad input is a ValueError/TypeError naming the problem."""
+    try:
+        # type(tile): True and 2.0 equal 1 and 2 as keys, but build_plan must get to refuse them
+        key = (equation, tuple(map(tuple, shapes)), tuple(np.dtype(d).str for d in dtypes), optimizer,
+               tile, type(tile), nworkers)
+        plan = PLANS.get(key)
+    except TypeError:  # unhashable or odd arguments: parse() explains what is wrong
+        key = plan = None
+    if plan is not None:
+        return plan
+    net = parse(equation, shapes, dtypes)
+    if optimizer not in path_optimizers():
+        raise ValueError(f"einsum: unknown path optimizer {optimizer!r}; valid: {', '.join(path_optimizers())}")
+    plan = build_plan(net, optimizer, tile, nworkers)
+    if key is not None:
+        PLANS.put(key, plan)
+    return plan
+
+
 def build_plan(net: Network, optimizer: str = "auto", tile: int | None = None, nworkers: int = 1) -> Plan:
-    """Plan ``net`` (cached); see the module docstring."""
-    # checked before the cache, which would take True for 1 and 2.0 for 2
+    """Plan ``net`` (not cached: ``cached_plan`` is the cache); see the module docstring."""
     if tile is not None and (type(tile) is not int or tile <= 0):
         raise ValueError(f"einsum: tile must be a positive int or None, got {tile!r}")
-    return _build_plan(net, optimizer, tile, nworkers)
-
-
-@functools.lru_cache(maxsize=256)
-def _build_plan(net: Network, optimizer: str, tile: int | None, nworkers: int) -> Plan:
     sizes, output = net.sizes, net.output
     nodes: list[str] = list(net.inputs)
     raw_steps: list[tuple[str, tuple[int, ...], int, PairSpec | UnarySpec, float]] = []

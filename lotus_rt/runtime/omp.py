@@ -13,12 +13,11 @@ the environment before that. ``shorten_spin()`` sets it unless the user chose a 
 (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` set) or libgomp is already loaded; lotus_rt's own
 programs (``lotus-rt``, ``python -m benchmarks``) call it first thing, and a script can too:
 
-    import lotus_rt.omp; lotus_rt.omp.shorten_spin()   # before `import torch`
+    import os; from lotus_rt.runtime import omp; omp.shorten_spin(os.environ)   # before `import torch`
 """
 from __future__ import annotations
 
-import os
-from typing import MutableMapping
+from typing import Mapping, MutableMapping
 
 SPINCOUNT = "30000"
 USER_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
@@ -33,22 +32,21 @@ def libgomp_loaded() -> bool:
         return True
 
 
-def shorten_spin(env: MutableMapping[str, str] | None = None) -> str:
-    """Set ``GOMP_SPINCOUNT`` in ``env`` (default: this process's environment, so children
-    inherit it) when nobody chose a spin yet. Returns what happened: "set", "user" (the user's
-    setting is kept) or "late" (libgomp already loaded: setting it would change nothing here)."""
-    env = os.environ if env is None else env
+def shorten_spin(env: MutableMapping[str, str], this_process: bool = True) -> str:
+    """Set ``GOMP_SPINCOUNT`` in ``env`` when nobody chose a spin yet. Programs pass their own
+    ``os.environ`` (``this_process``: then children inherit it, and nothing is set once libgomp
+    is loaded here). Returns what happened: "set", "user" (the user's setting is kept) or
+    "late" (libgomp already loaded: setting it would change nothing in this process)."""
     if any(env.get(name) for name in USER_VARIABLES):
         return "user"
-    if env is os.environ and libgomp_loaded():
+    if this_process and libgomp_loaded():
         return "late"
     env["GOMP_SPINCOUNT"] = SPINCOUNT
     return "set"
 
 
-def report(env: MutableMapping[str, str] | None = None) -> str:
-    """One line on the OpenMP spin in force, for ``lotus-rt info``."""
-    env = os.environ if env is None else env
+def report(env: Mapping[str, str]) -> str:
+    """One line on the OpenMP spin in force, for ``lotus-rt info`` (``env``: as Settings read it)."""
     chosen = {name: env[name] for name in USER_VARIABLES if env.get(name)}
     if chosen:
         return ", ".join(f"{k}={v}" for k, v in chosen.items())

@@ -14,26 +14,27 @@ the process's allocation history; with the thresholds fixed, under one per step 
 the next step. The cost is resident memory: freed blocks stay mapped instead of going back to
 the kernel. The runtime applies it when it starts (LOTUS_HEAP=keep, the default; ``system``
 leaves glibc's defaults), unless the user tuned glibc's allocator already (MALLOC_*_
-variables or GLIBC_TUNABLES). On a C library other than glibc nothing is done.
+variables or GLIBC_TUNABLES, as Settings read them). On a C library other than glibc nothing
+is done.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 from typing import Mapping
+
+from lotus_rt.runtime.settings import ALLOCATOR_VARS
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's largest accepted value on 64-bit systems
 TRIM_THRESHOLD = 256 * 2**20
-USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 _applied: str | None = None
 
 
 def _user_choice(env: Mapping[str, str]) -> str | None:
-    for name in USER_VARIABLES:
+    for name in ALLOCATOR_VARS:
         value = env.get(name)
         if value and (name != "GLIBC_TUNABLES" or "glibc.malloc." in value):
             return f"{name}={value}"
@@ -49,13 +50,13 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def keep_freed_memory(env: Mapping[str, str] | None = None) -> str:
-    """Fix glibc's mmap and trim thresholds (once per process). Returns what happened: "set",
+def keep_freed_memory(env: Mapping[str, str]) -> str:
+    """Fix glibc's mmap and trim thresholds (once per process) unless ``env`` (the variables
+    Settings read) holds the user's own allocator settings. Returns what happened: "set",
     "user" (the user's allocator settings are kept) or "unavailable" (not glibc)."""
     global _applied
     if _applied is not None:
         return _applied
-    env = os.environ if env is None else env
     if _user_choice(env):
         _applied = "user"
         return _applied
@@ -69,9 +70,8 @@ def keep_freed_memory(env: Mapping[str, str] | None = None) -> str:
     return _applied
 
 
-def report(env: Mapping[str, str] | None = None) -> str:
+def report(env: Mapping[str, str]) -> str:
     """One line on the allocator thresholds in force, for ``lotus-rt info``."""
-    env = os.environ if env is None else env
     chosen = _user_choice(env)
     if chosen:
         return f"the user's: {chosen}"

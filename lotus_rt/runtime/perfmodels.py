@@ -12,7 +12,6 @@ This module only reads those text files: ``lotus_models()`` summarises them for 
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import socket
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ class ModelSummary:
     samples: int
 
 
-def model_dir(env: Mapping[str, str] | None = None) -> pathlib.Path:
-    env = os.environ if env is None else env
+def model_dir(env: Mapping[str, str]) -> pathlib.Path:
+    """StarPU's model folder for ``env`` (the variables Settings read: STARPU_*, HOME)."""
     if env.get("STARPU_PERF_MODEL_DIR"):
         return pathlib.Path(env["STARPU_PERF_MODEL_DIR"])
     home = env.get("STARPU_HOME") or env.get("HOME") or str(pathlib.Path.home())
@@ -64,9 +63,8 @@ def _parse(path: pathlib.Path, minimum: int) -> tuple[tuple[str, ...], int, int,
     return tuple(devices), footprints, calibrated, samples
 
 
-def lotus_models(env: Mapping[str, str] | None = None) -> list[ModelSummary]:
+def lotus_models(env: Mapping[str, str]) -> list[ModelSummary]:
     """The lotus_rt codelet models StarPU saved for this host (empty when none yet)."""
-    env = os.environ if env is None else env
     host = env.get("STARPU_HOSTNAME") or socket.gethostname()
     try:
         minimum = int(env.get("STARPU_CALIBRATE_MINIMUM", "10"))
