@@ -10,6 +10,7 @@ Fixtures:
                 ``Runtime(Settings(engine="inline"))``, shut down afterwards).
     starpu_rt   the process-wide StarPU runtime only.
     inline_rt   a fresh inline runtime only.
+    inline_engine   one inline runtime per test module (usable inside hypothesis tests).
     run_py      runs Python code in a subprocess with a chosen environment.
     lotus_env   sets LOTUS_* variables for the process-wide runtime (and undoes them).
 
@@ -143,6 +144,14 @@ def starpu_rt():
     runtime = starpu_runtime_or_skip()
     yield runtime
     _drain(runtime)
+
+
+@pytest.fixture(scope="module")
+def inline_engine():
+    """One private inline runtime per test module (module scope: usable under hypothesis)."""
+    runtime = lotus_rt.Runtime(Settings(engine="inline"))
+    yield runtime
+    runtime.shutdown()
 
 
 @pytest.fixture

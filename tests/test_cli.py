@@ -12,7 +12,6 @@ import pytest
 
 from conftest import describe, run_python, starpu_skip_reason
 from lotus_rt.runtime import omp, perfmodels
-from lotus_rt.runtime import settings as config
 
 SKIP_REASON = starpu_skip_reason()
 
@@ -79,13 +78,6 @@ def test_trace_command_refuses_a_bad_suffix_before_running(tmp_path):
                 f"open({str(marker)!r}, 'w')")
     assert proc.returncode == 2 and "LOTUS_TRACE_FILE" in proc.stderr and ".json or .png" in proc.stderr
     assert not marker.exists()
-
-
-def test_trace_file_settings():
-    assert config.read_settings({"LOTUS_TRACE_FILE": "a/b.JSON"}).trace_file == "a/b.JSON"
-    assert config.read_settings({}).trace_file is None
-    with pytest.raises(config.ConfigError, match="LOTUS_TRACE is off"):
-        config.read_settings({"LOTUS_TRACE": "0", "LOTUS_TRACE_FILE": "t.json"})
 
 
 @pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
@@ -160,23 +152,6 @@ def test_bench_list_names_every_scenario():
     assert proc.returncode == 0, describe(proc)
     for scenario in ("overhead", "einsum", "layers", "policies", "ncpu", "tiles"):
         assert scenario in proc.stdout
-
-
-def test_shorten_spin_sets_gomp_spincount_unless_chosen_or_too_late(monkeypatch):
-    monkeypatch.setattr(omp, "libgomp_loaded", lambda: False)
-    env = {"PATH": "/bin"}
-    assert omp.shorten_spin(env) == "set" and env["GOMP_SPINCOUNT"] == omp.SPINCOUNT
-    for chosen in ({"GOMP_SPINCOUNT": "7"}, {"OMP_WAIT_POLICY": "PASSIVE"}):
-        env = dict(chosen)
-        assert omp.shorten_spin(env) == "user" and env == chosen  # the user's choice is kept
-        assert "=".join(next(iter(chosen.items()))) in omp.report(env)
-    assert "unset" in omp.report({})
-    monkeypatch.setattr(omp, "libgomp_loaded", lambda: True)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert omp.shorten_spin(os.environ) == "late" and "GOMP_SPINCOUNT" not in os.environ
-    env = {}
-    assert omp.shorten_spin(env, this_process=False) == "set" and env["GOMP_SPINCOUNT"] == omp.SPINCOUNT
 
 
 def test_lotus_rt_programs_pass_the_short_spin_to_what_they_run():

@@ -55,23 +55,6 @@ def _error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 # ------------------------------------------------------------------ the policy setting
 
-@pytest.mark.parametrize("raw, value", [(None, "auto"), ("", "auto"), ("auto", "auto"), ("fp32", "fp32"),
-                                        ("TF32", "tf32"), (" bf16", "bf16"), ("fp16", "fp16")])
-def test_lotus_precision_setting(raw, value):
-    env = {} if raw is None else {"LOTUS_PRECISION": raw}
-    assert config.read_settings(env).precision == value
-    report = config.read_settings(env).report()["LOTUS_PRECISION"]
-    assert report.startswith(value) and report.endswith("(default)") == (not raw)  # empty: unset
-
-
-@pytest.mark.parametrize("raw", ["fp64", "half", "1", "tf-32"])
-def test_bad_lotus_precision_is_one_clear_error(raw):
-    with pytest.raises(lotus_rt.ConfigError) as info:
-        config.read_settings({"LOTUS_PRECISION": raw})
-    message = str(info.value)
-    assert f"LOTUS_PRECISION={raw!r}" in message and "auto, fp32, tf32, bf16, fp16" in message
-
-
 def test_auto_means_tf32_with_tensor_cores_else_fp32():
     assert precision.resolve("auto", 80) == precision.resolve("auto", 90) == "tf32"
     assert precision.resolve("auto", 75) == "fp32"

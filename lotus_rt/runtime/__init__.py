@@ -166,6 +166,7 @@ class Runtime:
     def _unregister(self, handle: Handle) -> None:
         if not self._closed:
             self._check_not_in_task("unregister()")
+            self._check_not_paused("unregister()")
             self._engine.unregister(handle._ref, handle.array)
         self._live.discard(handle)
 
@@ -176,6 +177,7 @@ class Runtime:
     def _acquire(self, handle: Handle, mode: str) -> None:
         self._check_open()
         self._check_not_in_task("acquire()")
+        self._check_not_paused("acquire()")
         self._engine.acquire(handle._ref, mode)
 
     def _release(self, handle: Handle) -> None:
@@ -217,9 +219,7 @@ class Runtime:
         """Wait for every submitted task; raise the first codelet failure not yet reported."""
         self._check_open()
         self._check_not_in_task("wait()")
-        if self._engine.user_paused():
-            raise RuntimeError("wait() inside runtime.paused(): the paused workers would never finish "
-                               "the tasks; leave the paused() block first")
+        self._check_not_paused("wait()")
         self._engine.wait_all()
         raise_collected(self._errors.take())
 
@@ -290,6 +290,11 @@ class Runtime:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this runtime has been shut down; call lotus_rt.runtime() for a new one")
+
+    def _check_not_paused(self, what: str) -> None:
+        if self._engine.user_paused():
+            raise RuntimeError(f"{what} inside runtime.paused(): it would wait for tasks the paused "
+                               "workers never run; leave the paused() block first")
 
     def _check_not_in_task(self, what: str) -> None:
         if self._engine.in_task():

@@ -13,7 +13,9 @@ the environment before that. ``shorten_spin()`` sets it unless the user chose a 
 (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` set) or libgomp is already loaded; lotus_rt's own
 programs (``lotus-rt``, ``python -m benchmarks``) call it first thing, and a script can too:
 
-    import os; from lotus_rt.runtime import omp; omp.shorten_spin(os.environ)   # before `import torch`
+    import os
+    from lotus_rt.runtime import omp
+    omp.shorten_spin(os.environ)    # before `import torch`
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def libgomp_loaded() -> bool:
 
 def shorten_spin(env: MutableMapping[str, str], this_process: bool = True) -> str:
     """Set ``GOMP_SPINCOUNT`` in ``env`` when nobody chose a spin yet. Programs pass their own
-    ``os.environ`` (``this_process``: then children inherit it, and nothing is set once libgomp
+    process environment (``this_process``: then children inherit it, and nothing is set once libgomp
     is loaded here). Returns what happened: "set", "user" (the user's setting is kept) or
     "late" (libgomp already loaded: setting it would change nothing in this process)."""
     if any(env.get(name) for name in USER_VARIABLES):

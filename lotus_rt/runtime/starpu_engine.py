@@ -87,6 +87,9 @@ class _RecWaiter:
 
     def wait(self, timeout: float | None) -> bool:
         self._engine.start_held_tasks()
+        if timeout is None and self._engine.user_paused() and not self._lib.lotus_rec_done(self._rec):
+            raise RuntimeError("Future.result() inside runtime.paused(): it would wait for a task the "
+                               "paused workers never run; leave the paused() block first")
         return bool(self._lib.lotus_rec_wait(self._rec, -1.0 if timeout is None else float(timeout)))
 
 
