@@ -75,8 +75,8 @@ def run_all(argv: list[str]) -> int:
             continue
         print(f"== {name}", flush=True)
         start = time.perf_counter()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        from benchmarks.common import python_path
+        env = dict(os.environ, PYTHONPATH=python_path(os.environ.get("PYTHONPATH")))
         rc = subprocess.call([sys.executable, "-m", "benchmarks", name, *forwarded], cwd=REPO_ROOT, env=env)
         status[name] = f"exit {rc} ({time.perf_counter() - start:.0f} s)"
         if rc:

@@ -165,10 +165,20 @@ def subprocess_env(starpu_home: str | os.PathLike, **overrides: str) -> dict[str
     STARPU_HOME (its performance models), the repository importable, plus ``overrides``."""
     env = dict(os.environ)
     env.update({"STARPU_SILENT": "1", "STARPU_HOME": str(starpu_home)})
-    previous = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + previous if previous else "")
+    env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
     env.update(overrides)
     return env
+
+
+def python_path(previous: str | None) -> str:
+    """PYTHONPATH for a child that must import what this process imports: the folder lotus_rt
+    was imported from first (an installed copy, as on the GPU machine, must not be shadowed by
+    the checkout, whose lotus_rt lacks the installed ``lotus_rt.kernels``), then the checkout
+    (``benchmarks``), then ``previous``."""
+    import lotus_rt
+    first = str(pathlib.Path(lotus_rt.__file__).resolve().parent.parent)
+    parts = [first, str(REPO_ROOT)] + (previous.split(os.pathsep) if previous else [])
+    return os.pathsep.join(dict.fromkeys(p for p in parts if p))
 
 
 # ---------------------------------------------------------------------------------- output

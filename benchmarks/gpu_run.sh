@@ -10,7 +10,9 @@
 # $OUT/summary.txt; a failed step never stops the script (exit status 1 if any failed or timed out):
 #   facts    date, host, CPUs, memory, Python and package versions, nvidia-smi
 #   bundle   check gpu_bundle/ (saying what is missing), source gpu_bundle/env.sh
-#   build    python3 -m lotus_rt.starpu._build (the binding for this Python), StarPU version
+#   build    install the checkout into $GPU_RUN_WORK/site with setup.py (its package_dir mapping makes
+#            kernels/ lotus_rt.kernels; the binding is compiled there for this Python), StarPU version;
+#            every later step imports that copy (PYTHONPATH=site:checkout, PYTHONSAFEPATH=1)
 #   info     python3 -m lotus_rt.cli info; "cuda" fails, loudly, where it lists no CUDA worker
 #   tests    python3 -m pytest -q -m gpu -rs tests/test_gpu.py (if present), junit XML
 #   hetero   python3 -m benchmarks hetero --budget-s $HETERO_BUDGET_S (starts nothing after that)
@@ -23,9 +25,9 @@
 # Time: the timeouts add up to 7.5 minutes (15+40+40+30+150+165+10 s); expected about 4 minutes
 # (hetero about 2.5 of them: see benchmarks/README.md for the estimate). Needs no network.
 #
-# Dry run (GPU_RUN_DRY=1, or no nvidia-smi on PATH): checks the bundle without sourcing it, does
-# not build the binding (that would replace this checkout's), runs info and the tests with the
-# binding already there, and `hetero --quick`. It checks the script's flow, not the GPU parts.
+# Dry run (GPU_RUN_DRY=1, or no nvidia-smi on PATH): checks the bundle without sourcing it, installs
+# the checkout against the machine's own StarPU, runs info and the tests, and `hetero --quick`.
+# It checks the script's flow, not the GPU parts.
 #
 # Environment: OUT (default ./gpu_out), GPU_BUNDLE (default gpu_bundle), PYTHON (python3),
 # GPU_RUN_DRY, GPU_RUN_WORK, HETERO_ARGS (more benchmark options, e.g. "--policies dmda,eager"),
@@ -167,9 +169,14 @@ install_bundle() {  # the slow part of env.sh (installing the wheels once), boun
   source "$GPU_BUNDLE/env.sh"
 }
 
-build_binding() {
-  "$PY" -m lotus_rt.starpu._build || return 1
-  "$PY" -c 'from lotus_rt import starpu; print(f"binding: StarPU {starpu.version()}, CUDA support compiled in: {starpu.built_with_cuda()}")'
+build_binding() {  # a real install (no pip needed): setup.py build puts the packages and the binding in site/
+  rm -rf "$WORK/site" "$WORK/build"
+  "$PY" setup.py -q build --build-base "$WORK/build" --build-lib "$WORK/site" || return 1
+  PYTHONPATH="$WORK/site:$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1 "$PY" -c '
+import lotus_rt, lotus_rt.kernels
+from lotus_rt import starpu
+print(f"installed: {lotus_rt.__file__}, kernels at {lotus_rt.kernels.__file__}")
+print(f"binding: StarPU {starpu.version()}, CUDA support compiled in: {starpu.built_with_cuda()}")'
 }
 
 run_tests() {
@@ -196,14 +203,15 @@ run_step facts "$T_FACTS" bash -c facts
 
 if [ "$DRY" = 1 ]; then
   NOTE="dry run: checked, not sourced" run_step bundle "$T_BUNDLE" bash -c check_bundle
-  skip_step build "dry run: building would replace this checkout's binding"
 else
   if NOTE="wheels installed, env.sh sourced" run_step bundle "$T_BUNDLE" bash -c install_bundle; then
     # shellcheck disable=SC1091
     source "$GPU_BUNDLE/env.sh" >>"$LOG" 2>&1   # fast now: sets the variables in this shell
   fi
-  run_step build "$T_BUILD" bash -c build_binding
 fi
+run_step build "$T_BUILD" bash -c build_binding
+# from here on every step imports the installed copy, never the checkout's lotus_rt (no kernels)
+export PYTHONPATH="$WORK/site:$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 
 run_step info "$T_INFO" "$PY" -m lotus_rt.cli info
 NCUDA=$(grep -c '(cuda)$' "$WORK/logs/info.log" 2>/dev/null)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 from dataclasses import dataclass
 
@@ -50,8 +51,16 @@ class Phase:
     epoch_seconds: list[float]
 
 
-def train(model: nn.Module, x, y, epochs: int, batch: int, lr: float, label: str, seed: int = 0) -> list[float]:
+def _batches(starts: range, desc: str):
+    """Progress bars on a terminal; on a log file, nothing per batch (one line per epoch follows)."""
+    if not sys.stderr.isatty():
+        return starts, None
     from tqdm import tqdm
+    bar = tqdm(starts, desc=desc, leave=True, mininterval=2.0)
+    return bar, bar
+
+
+def train(model: nn.Module, x, y, epochs: int, batch: int, lr: float, label: str, seed: int = 0) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -60,15 +69,21 @@ def train(model: nn.Module, x, y, epochs: int, batch: int, lr: float, label: str
         model.train()
         order = torch.randperm(len(x), generator=generator)
         start = time.perf_counter()
-        bar = tqdm(range(0, len(x), batch), desc=f"{label} epoch {epoch + 1}/{epochs}", leave=True, mininterval=2.0)
-        for i in bar:
+        desc = f"{label} epoch {epoch + 1}/{epochs}"
+        batches, bar = _batches(range(0, len(x), batch), desc)
+        total, count = 0.0, 0
+        for i in batches:
             idx = order[i:i + batch]
             optimizer.zero_grad()
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            total, count = total + loss.item(), count + 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         times.append(time.perf_counter() - start)
+        if bar is None:
+            print(f"{desc}: mean loss {total / max(count, 1):.3f}, {times[-1]:.2f} s", flush=True)
     return times
 
 

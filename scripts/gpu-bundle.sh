@@ -207,8 +207,8 @@ cat > "$OUT/env.sh" <<'EOF'
 # Points STARPU_PREFIX / PKG_CONFIG_PATH / LD_LIBRARY_PATH at the bundled CUDA StarPU and the
 # machine's CUDA 13 libraries (CUDA_LIB overrides their folder), installs the bundled wheels that
 # python3 lacks into gpu_bundle/pylib once (pip --no-index --target; unzipped if pip is missing;
-# PYTHON picks another interpreter), and puts pylib and
-# the checkout that holds the bundle on PYTHONPATH. Then: python3 -m lotus_rt.starpu._build
+# PYTHON picks another interpreter), and puts pylib on PYTHONPATH. Then benchmarks/gpu_run.sh installs
+# the checkout (setup.py build: kernels/ becomes lotus_rt.kernels, the binding is compiled there).
 _lb_dir=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)
 _lb_cuda=${CUDA_LIB:-/usr/local/cuda-13.0/targets/x86_64-linux/lib}
 _lb_py=${PYTHON:-python3}
@@ -239,7 +239,6 @@ if [ ! -f "$_lb_dir/pylib/.installed" ]; then
   fi && touch "$_lb_dir/pylib/.installed" || echo "env.sh: WARNING: installing the wheels into $_lb_dir/pylib failed" >&2
 fi
 _lb_prepend PYTHONPATH "$_lb_dir/pylib"
-[ -d "$_lb_dir/../lotus_rt" ] && _lb_prepend PYTHONPATH "$(cd "$_lb_dir/.." && pwd)"
 for _lb_lib in libcudart.so.13 libcublas.so.13; do
   [ -e "$_lb_cuda/$_lb_lib" ] || echo "env.sh: WARNING: no $_lb_lib in $_lb_cuda (set CUDA_LIB)" >&2
 done
@@ -262,4 +261,4 @@ MIB=$(( (BYTES + 1048575) / 1048576 ))
 echo
 echo "gpu-bundle: $OUT is $MIB MiB ($BYTES bytes; limit $LIMIT_MIB MiB)"
 [ "$BYTES" -le $(( LIMIT_MIB * 1048576 )) ] || die "the bundle is over $LIMIT_MIB MiB"
-echo "On the GPU machine, from the checkout: source gpu_bundle/env.sh && python3 -m lotus_rt.starpu._build"
+echo "On the GPU machine, from the checkout: OUT=\$OUT bash benchmarks/gpu_run.sh (sources env.sh, installs the checkout)"

@@ -40,8 +40,8 @@ os.environ["STARPU_SILENT"] = "1"
 for _name in ("LOTUS_TRACE", "LOTUS_TRACE_CAPACITY"):
     os.environ.pop(_name, None)
 
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if str(REPO_ROOT) not in sys.path:  # for `benchmarks`; after, never before, an installed lotus_rt
+    sys.path.append(str(REPO_ROOT))
 
 import lotus_rt  # noqa: E402  (after the environment above is set)
 import lotus_rt.starpu  # noqa: E402
@@ -187,6 +187,15 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+def python_path(previous: str | None) -> str:
+    """PYTHONPATH for a subprocess: the folder lotus_rt was imported from first (an installed
+    copy must not be shadowed by the checkout, which has no ``lotus_rt.kernels`` of its own),
+    then the repository (tests, benchmarks), then ``previous``."""
+    first = str(pathlib.Path(lotus_rt.__file__).resolve().parent.parent)
+    parts = [first, str(REPO_ROOT)] + (previous.split(os.pathsep) if previous else [])
+    return os.pathsep.join(dict.fromkeys(p for p in parts if p))
+
+
 def run_python(code: str, env: Mapping[str, str] | None = None, unset: Iterable[str] = (),
                timeout: float = 60, args: Iterable[str] = ()) -> subprocess.CompletedProcess:
     """Run ``python -c code`` from the repository root with lotus_rt importable.
@@ -198,8 +207,7 @@ def run_python(code: str, env: Mapping[str, str] | None = None, unset: Iterable[
     for name in unset:
         full_env.pop(name, None)
     full_env.update(env or {})
-    previous = full_env.get("PYTHONPATH")
-    full_env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + previous if previous else "")
+    full_env["PYTHONPATH"] = python_path(full_env.get("PYTHONPATH"))
     return subprocess.run([sys.executable, "-c", code, *args], env=full_env, cwd=str(REPO_ROOT),
                           capture_output=True, text=True, timeout=timeout)
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, describe, starpu_skip_reason
+from conftest import REPO_ROOT, describe, python_path, starpu_skip_reason
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 180
@@ -29,7 +29,7 @@ def run_benchmarks(args: list[str], tmp_path, timeout: float = TIMEOUT_S) -> sub
     home = tmp_path / "starpu_home"
     home.mkdir(exist_ok=True)
     env = dict(os.environ, STARPU_SILENT="1", STARPU_HOME=str(home))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
     return subprocess.run([sys.executable, *args], cwd=str(REPO_ROOT), env=env, capture_output=True,
                           text=True, timeout=timeout)
 

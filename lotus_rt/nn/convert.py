@@ -94,12 +94,15 @@ def tensorize(model: nn.Module, rank=0.25, conv: str = "tucker2", linear: str = 
                                   float(layer.reconstruction_error)))
     model.lotus_report = report
     if verbose and report:
-        print(f"{'layer':<20} {'kind':<14} {'params':>10} {'after':>10} {'ratio':>8} {'rel.err':>9}")
+        print(f"{'layer':<20} {'kind':<14} {'params':>10} {'after':>10} {'ratio':>8} {'w.err':>9}")
         for row in report:
             print(row.row())
         before = sum(r.params_before for r in report)
         after = sum(r.params_after for r in report)
         print(f"{'tensorized layers':<35} {before:>10} {after:>10} {before / max(after, 1):>7.1f}x")
+        print("w.err: relative error of each layer's weight as the decomposition rebuilds it, "
+              "||W - W~|| / ||W||, before any fine-tuning (a large value is expected at high "
+              "compression; fine-tuning recovers the accuracy)")
     return model
 
 
