@@ -149,6 +149,12 @@ class _FactorizedConv2d(nn.Module):
         params = factors + ([self.bias] if self.bias is not None else [])
         return run_program(self._program, x, *params)
 
+    @classmethod
+    def _shaped_like(cls, conv: nn.Conv2d, rank) -> "_FactorizedConv2d":
+        """A layer of ``conv``'s channels, geometry, bias and dtype with rank(s) ``rank``."""
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding,
+                   conv.dilation, conv.bias is not None, conv.weight.dtype)
+
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
 
@@ -183,8 +189,7 @@ class TuckerConv2d(_FactorizedConv2d):
         weight = conv.weight.detach().cpu().numpy()
         rank_pair = decompose.tucker2_ranks(weight, ranks)  # "vbmf" needs the weight itself
         core, first, last = decompose.tucker2(weight, rank_pair)
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank_pair, conv.stride,
-                    conv.padding, conv.dilation, conv.bias is not None, conv.weight.dtype)
+        layer = cls._shaped_like(conv, rank_pair)
         _load(layer, ((layer.first, first), (layer.core, core), (layer.last, last)), conv.bias)
         layer.reconstruction_error = decompose.relative_error(
             decompose.reconstruct_tucker2(core, first, last), weight)
@@ -223,8 +228,7 @@ class CPConv2d(_FactorizedConv2d):
         weight = conv.weight.detach().cpu().numpy()
         r = decompose.cp_rank(weight.shape, rank)
         factors = decompose.cp(weight, r)  # (A_out, A_in, A_h, A_w)
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, r, conv.stride, conv.padding,
-                    conv.dilation, conv.bias is not None, conv.weight.dtype)
+        layer = cls._shaped_like(conv, r)
         a_out, a_in, a_h, a_w = factors
         _load(layer, ((layer.factor_out, a_out), (layer.factor_in, a_in), (layer.factor_h, a_h),
                       (layer.factor_w, a_w)), conv.bias)
