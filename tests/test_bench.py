@@ -41,7 +41,9 @@ def positive(spread: dict) -> bool:
 # ------------------------------------------------------------------ per-scenario checks
 
 def check_overhead(data: dict) -> None:
-    assert positive(data["independent_us_per_task"]) and positive(data["chain_us_per_task"])
+    for key in ("independent", "chain"):
+        assert positive(data[f"{key}_us_per_task"]) and positive(data[f"{key}_replayed_us_per_task"])
+        assert positive(data["replay_speedup"][key])
     gemm = data["gemm"]
     assert positive(gemm["dag_s"]) and positive(gemm["numpy_s"]) and positive(gemm["numpy_over_dag"])
     assert gemm["tasks"] == (gemm["size"] // gemm["tile"]) ** 3
