@@ -81,16 +81,22 @@ def _submit_step(rt: Runtime, step: Step, inputs: list[Slot], out: Slot, out_mod
                   name=name or "unary", spec=spec, a_slice=a.slab, out_slice=out.slab)
 
 
-def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndarray,
+def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndarray | Handle,
                    keep: bool = False) -> tuple[list[Handle], Forward | None]:
     """Submit the plan's tasks computing ``out``; returns the output handles (unregister them
-    to get the result) and, with ``keep``, the Forward a backward pass needs."""
+    to get the result) and, with ``keep``, the Forward a backward pass needs. ``out`` may also
+    be a handle the caller registered (an untiled plan only): then no output handle is returned."""
     values: dict[int, list[Slot]] = {k: _operand_slots(plan, k, h) for k, h in enumerate(operands)}
     readers = {node: 0 for node in range(len(plan.nodes))}
     for step in plan.steps:
         for node in step.inputs:
             readers[node] += 1
-    out_slots, out_handles = _output_slots(rt, plan, out)
+    if isinstance(out, Handle):
+        if plan.tile_index is not None:
+            raise ValueError("submit_forward: a registered output handle needs an untiled plan")
+        out_slots, out_handles = [Slot(out)], []
+    else:
+        out_slots, out_handles = _output_slots(rt, plan, out)
     temporaries: list[Handle] = []
     dtype = plan.network.dtype
     for n, step in enumerate(plan.steps):
