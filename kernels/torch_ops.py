@@ -18,15 +18,14 @@ Batch norm statistics are per-tile (count, mean, M2) partials in float64, combin
 """
 from __future__ import annotations
 
+import ctypes
 import threading
-import warnings
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 aten = torch.ops.aten
-# Read-only task buffers become tensors torch only reads; its one warning about them is noise here.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 _thread = threading.local()
 
@@ -37,8 +36,22 @@ def _one_thread() -> None:
         _thread.set = True
 
 
+_tensors: dict[tuple, torch.Tensor] = {}  # (address, shape, dtype) -> a tensor over that memory
+
+
 def _host(a: Any) -> torch.Tensor:
-    return torch.from_numpy(a)
+    """A CPU tensor over the NumPy view's memory. Read-only views (mode R) get a writable alias
+    first, which torch needs to wrap them without its warning (the bodies only read them); a
+    step plan's tasks see the same buffers at every run, so the tensors are kept by address."""
+    key = (a.ctypes.data, a.shape, a.dtype.str)
+    tensor = _tensors.get(key)
+    if tensor is None:
+        if len(_tensors) > 1 << 14:
+            _tensors.clear()
+        if not a.flags.writeable:
+            a = np.ndarray(a.shape, a.dtype, buffer=(ctypes.c_char * a.nbytes).from_address(a.ctypes.data))
+        tensor = _tensors[key] = torch.from_numpy(a)
+    return tensor
 
 
 def _device(a: Any) -> torch.Tensor:

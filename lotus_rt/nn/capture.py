@@ -17,6 +17,8 @@ computed and no random number is drawn), mapping each torch module to graph ops:
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -44,10 +46,28 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def node_meta(gm: fx.GraphModule, args: tuple) -> dict[fx.Node, tuple[tuple[int, ...], torch.dtype] | None]:
-    """Per node: (shape, dtype) of the tensor it makes for these arguments (None: not a tensor)."""
+    """Per node: (shape, dtype) of the tensor it makes for these arguments (None: not a tensor).
+
+    Shapes come from torch.fx's ShapeProp on fake tensors (nothing computed, no random draw);
+    where a module reads a value on the way (batch norm with momentum=None divides by its
+    counter), from a real run whose state changes are undone: buffers and the random generator
+    are restored afterwards."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
-    ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it raises
+            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+    except Exception:  # noqa: BLE001 - data-dependent code under fake tensors
+        buffers = [(b, b.clone()) for b in gm.buffers()]
+        rng = torch.get_rng_state()
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*args)
+        finally:
+            torch.set_rng_state(rng)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
     meta = {}
     for node in gm.graph.nodes:
         tm = node.meta.get("tensor_meta")
