@@ -43,6 +43,15 @@ Tiles = Sequence[tuple[int, int]]
 CRITICAL = 1 << 20
 
 
+def _fit(name: str, limit: int = 47) -> str:
+    """A task name within StarPU's 47 bytes, keeping the tile suffix."""
+    if len(name.encode()) <= limit:
+        return name
+    head, bracket, tail = name.partition("[")
+    keep = limit - len((bracket + tail).encode())
+    return head.encode()[:max(keep, 1)].decode(errors="ignore") + bracket + tail
+
+
 def storage_roots(graph: Graph) -> dict[int, int]:
     """value -> the value whose buffer it uses (a reshape reads and writes its input's buffer)."""
     root = {v.id: v.id for v in graph.values}
@@ -173,7 +182,9 @@ class Lowering:
 
     def submit(self, codelet: Codelet, *accesses: tuple[Handle, str], priority: int = 0, name: str = "",
                **kwargs: Any) -> None:
-        self.rt.submit(codelet, *accesses, priority=priority, name=name[:47] or codelet.name, **kwargs)
+        """Submit a task named "<codelet> <layer>[tile]" (traces group tasks by either word)."""
+        label = f"{codelet.name} {name}" if name else codelet.name
+        self.rt.submit(codelet, *accesses, priority=priority, name=_fit(label), **kwargs)
 
     def forward_priority(self, op: Op, t: int) -> int:
         return self.order[id(op)] * self.ntiles + (self.ntiles - t)
@@ -276,12 +287,12 @@ def conv_backward(lw: Lowering, op: Op) -> None:
         if x in lw.needs:
             gx, accumulate = lw.grad_target(x, t)
             lw.submit(C.CONV_DX, (gy, "R"), (lw.value(x, t), "R"), w, *y, (gx, "RW" if accumulate else "W"),
-                      priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]", relu=relu,
+                      priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", relu=relu,
                       accumulate=accumulate, **_conv_kwargs(lw, op, t))
         grads, flags = _weight_grads(lw, op, t, op.attrs["bias"])
         if grads:
             lw.submit(C.CONV_DW, (gy, "R"), (lw.value(x, t), "R"), w, *y, *grads,
-                      priority=lw.backward_priority(op, t, False), name=f"dw{op.name}[{t}]", relu=relu,
+                      priority=lw.backward_priority(op, t, False), name=f"{op.name}[{t}]", relu=relu,
                       **flags, **_conv_kwargs(lw, op, t))
 
 
@@ -307,13 +318,13 @@ def linear_backward(lw: Lowering, op: Op) -> None:
         if x in lw.needs:
             gx, accumulate = lw.grad_target(x, t)
             lw.submit(C.LINEAR_DX, (gy, "R"), w, *y, (gx, "RW" if accumulate else "W"),
-                      priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]", relu=relu,
+                      priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", relu=relu,
                       accumulate=accumulate)
         grads, flags = _weight_grads(lw, op, t, op.attrs["bias"])
         if grads:
             x_shape = (lw.rows(t), lw.graph.values[x].sample_size)
             lw.submit(C.LINEAR_DW, (gy, "R"), (lw.value(x, t), "R"), *y, *grads,
-                      priority=lw.backward_priority(op, t, False), name=f"dw{op.name}[{t}]", relu=relu,
+                      priority=lw.backward_priority(op, t, False), name=f"{op.name}[{t}]", relu=relu,
                       x_shape=x_shape, out_features=out_features, **flags)
 
 
@@ -326,7 +337,7 @@ def contract_forward(lw: Lowering, op: Op) -> None:
         shapes = [(lw.rows(t),) + tuple(a["in_shape"])] + [lw.graph.params[p].shape for p in cores]
         plan = plan_for(a["equation"], shapes, lw.graph.values[op.output].dtype, tile=lw.rows(t), rt=lw.rt)
         _, kept = submit_forward(lw.rt, plan, [lw.value(op.inputs[0], t)] + core_handles, lw.value(op.output, t),
-                                 keep=True)
+                                 keep=True, label=f"{op.name}[{t}]")
         lw.kept[(id(op), t)] = kept
         if a["bias"]:
             lw.submit(BIAS_ADD, (lw.param_handles[op.params[-1]], "R"), (lw.value(op.output, t), "RW"),
@@ -361,17 +372,17 @@ def contract_backward(lw: Lowering, op: Op) -> None:
             if _needs_param(lw, op, k):
                 slot(k + 1, lw.pgrad_target(op.params[k], t), lw.graph.params[op.params[k]].shape, dtype)
         if targets:
-            submit_backward(lw.rt, lw.kept[(id(op), t)], gy, sorted(targets), targets)
+            submit_backward(lw.rt, lw.kept[(id(op), t)], gy, sorted(targets), targets, label=f"{op.name}[{t}]")
         if a["bias"] and lw.graph.params[op.params[-1]].requires_grad:
             handle, accumulate = lw.pgrad_target(op.params[-1], t)
             target = lw._new(lw.graph.params[op.params[-1]].shape, dtype)[1] if accumulate else handle
             lw.submit(BIAS_GRAD, (gy, "R"), (target, "W"), priority=lw.backward_priority(op, t, False),
-                      name=f"d{op.name}_bias[{t}]", axis=1, span=len(a["out_shape"]))
+                      name=f"{op.name}_bias[{t}]", axis=1, span=len(a["out_shape"]))
             if accumulate:
                 adds.append((target, handle))
         for fresh, into in adds:
             lw.submit(C.ADD_INTO, (fresh, "R"), (into, "RW"), priority=lw.backward_priority(op, t, False),
-                      name=f"d{op.name}_acc[{t}]")
+                      name=f"{op.name}_acc[{t}]")
 
 
 def _unary(forward: Codelet, backward: Codelet, keeps: str, **static: Any):
@@ -395,7 +406,7 @@ def _unary(forward: Codelet, backward: Codelet, keeps: str, **static: Any):
             kept = lw.value(op.output if keeps == "y" else x, t)
             gx, accumulate = lw.grad_target(x, t)
             lw.submit(backward, (gy, "R"), (kept, "R"), (gx, "RW" if accumulate else "W"),
-                      priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]",
+                      priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]",
                       accumulate=accumulate, **attrs)
     return emit_forward, emit_backward
 
@@ -424,7 +435,7 @@ def dropout_backward(lw: Lowering, op: Op) -> None:
         _, mask = lw.scratch_array(op, f"mask{t}", lw.tile_shape(op.output, t), lw.graph.values[op.output].dtype)
         gx, accumulate = lw.grad_target(x, t)
         lw.submit(C.DROPOUT_DX, (gy, "R"), (mask, "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]", accumulate=accumulate)
+                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate)
 
 
 def _pool_kwargs(lw: Lowering, op: Op, t: int, keys: Sequence[str]) -> dict[str, Any]:
@@ -454,7 +465,7 @@ def maxpool_backward(lw: Lowering, op: Op) -> None:
         _, indices = lw.scratch_array(op, f"indices{t}", lw.tile_shape(op.output, t), np.int64)
         gx, accumulate = lw.grad_target(x, t)
         lw.submit(C.MAXPOOL_DX, (gy, "R"), (lw.value(x, t), "R"), (indices, "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]", accumulate=accumulate,
+                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
                   **_pool_kwargs(lw, op, t, MAXPOOL_KEYS))
 
 
@@ -475,7 +486,7 @@ def avgpool_backward(lw: Lowering, op: Op) -> None:
             continue
         gx, accumulate = lw.grad_target(x, t)
         lw.submit(C.AVGPOOL_DX, (gy, "R"), (lw.value(x, t), "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]", accumulate=accumulate,
+                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
                   y_shape=lw.tile_shape(op.output, t), **_pool_kwargs(lw, op, t, AVGPOOL_KEYS))
 
 
@@ -498,7 +509,7 @@ def add_backward(lw: Lowering, op: Op) -> None:
             if x in lw.needs:
                 gx, accumulate = lw.grad_target(x, t)
                 lw.submit(C.PASS_DX, (gy, "R"), *y, (gx, "RW" if accumulate else "W"),
-                          priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]", relu=relu,
+                          priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", relu=relu,
                           accumulate=accumulate)
 
 
@@ -522,7 +533,7 @@ def cat_backward(lw: Lowering, op: Op) -> None:
             if x in lw.needs:
                 gx, accumulate = lw.grad_target(x, t)
                 lw.submit(C.SLICE_DX, (gy, "R"), (gx, "RW" if accumulate else "W"),
-                          priority=lw.backward_priority(op, t, True), name=f"d{op.name}[{t}]",
+                          priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]",
                           y_shape=lw.tile_shape(op.output, t), dim=dim, start=start, stop=stop,
                           accumulate=accumulate)
             start = stop
@@ -585,7 +596,7 @@ def batchnorm_backward(lw: Lowering, op: Op) -> None:
         sums.append(part)
         y = [(lw.value(op.output, t), "R")] if relu else []
         lw.submit(C.BN_DX_PARTIAL, (sources[t], "R"), (lw.value(x, t), "R"), (stats, "R"), *y, (part, "W"),
-                  priority=prio, name=f"d{op.name}_sums[{t}]", x_shape=lw.tile_shape(x, t), relu=relu)
+                  priority=prio, name=f"{op.name}_sums[{t}]", x_shape=lw.tile_shape(x, t), relu=relu)
     total = lw.tree(sums, C.ADD_INTO, prio, f"d{op.name}_sum")
     count = full[0] * full[2] * full[3]
     if x in lw.needs:
@@ -595,13 +606,13 @@ def batchnorm_backward(lw: Lowering, op: Op) -> None:
             gx, accumulate = lw.grad_target(x, t)
             lw.submit(C.BN_DX, (sources[t], "R"), (lw.value(x, t), "R"), (stats, "R"), (total, "R"), *y, *weight,
                       (gx, "RW" if accumulate else "W"), priority=lw.backward_priority(op, t, True),
-                      name=f"d{op.name}[{t}]", x_shape=lw.tile_shape(x, t), count=count, affine=a["affine"],
+                      name=f"{op.name}[{t}]", x_shape=lw.tile_shape(x, t), count=count, affine=a["affine"],
                       relu=relu, training=a["batch_stats"], accumulate=accumulate)
     if a["affine"]:
         grads, flags = _weight_grads(lw, op, 0, True)
         if grads:
             lw.submit(C.BN_DPARAMS, (total, "R"), *grads, priority=lw.backward_priority(op, 0, False),
-                      name=f"dw{op.name}", **flags)
+                      name=f"{op.name}", **flags)
 
 
 FORWARD: dict[str, Callable[[Lowering, Op], None]] = {
