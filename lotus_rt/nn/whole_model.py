@@ -194,7 +194,8 @@ class WholeModel:
 
     def region_modules(self) -> list[str]:
         """The modules the regions run as task graphs, by name."""
-        return [node.target for step in self.partition.steps if isinstance(step, capture.Region)
+        single = getattr(self.gm, "lotus_single_layer", False)
+        return ["" if single else node.target for step in self.partition.steps if isinstance(step, capture.Region)
                 for node in step.nodes if node.op == "call_module"]
 
     def _meta(self, args: tuple) -> tuple[tuple, dict]:
@@ -234,12 +235,19 @@ class WholeModel:
                         "and offload the reloaded model again")
 
     def _check_devices(self, args: tuple) -> None:
+        """One clear error for inputs the graph cannot take, before anything runs."""
         rt = runtime()
-        if any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args) and \
-                not any(kind == "cuda" for kind, _ in rt.workers):
-            raise ValueError("lotus_rt.offload: the input is on a CUDA device but the runtime has no CUDA worker "
-                             f"(engine {rt.engine!r}, workers {sorted({k for k, _ in rt.workers})}): move the model "
-                             "and its inputs to the CPU, or run a CUDA-enabled StarPU with STARPU_NCUDA >= 1")
+        for a in args:
+            if not isinstance(a, torch.Tensor):
+                continue
+            if a.device.type == "cuda" and not any(kind == "cuda" for kind, _ in rt.workers):
+                raise ValueError("lotus_rt.offload: the input is on a CUDA device but the runtime has no CUDA "
+                                 f"worker (engine {rt.engine!r}, workers {sorted({k for k, _ in rt.workers})}): move "
+                                 "the model and its inputs to the CPU, or run a CUDA-enabled StarPU with STARPU_NCUDA >= 1")
+            if a.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"the input is on {a.device.type}: offloaded layers take CPU tensors")
+            if a.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"the input has dtype {a.dtype}; offloaded layers take float32 or float64")
 
     def _run_region(self, region: capture.Region, env: dict, meta: dict, meta_key: tuple) -> None:
         runner = self.runners[id(region)]
@@ -264,7 +272,9 @@ class WholeModel:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             if node.op == "call_module":
-                env[node] = self.gm.get_submodule(node.target)(*args, **kwargs)
+                module = self.gm.get_submodule(node.target)
+                base = getattr(type(module), "_lotus_base", None)  # the offloaded layer itself: its own forward
+                env[node] = base.forward(module, *args, **kwargs) if base is not None else module(*args, **kwargs)
             elif node.op == "call_function":
                 env[node] = node.target(*args, **kwargs)
             elif node.op == "call_method":
