@@ -310,8 +310,7 @@ def prepare_operands(canon: Canonical, arrays: Sequence[np.ndarray]) -> list[np.
     for a, axes, shape in zip(arrays, canon.squeeze, canon.shapes):
         if axes:
             a = a.reshape(shape) if a.flags.c_contiguous else a.squeeze(axis=axes)
-        a = np.ascontiguousarray(a, dtype=canon.compute_dtype)
-        out.append(a)
+        out.append(np.asarray(a, dtype=canon.compute_dtype, order="C"))  # (ascontiguousarray makes 0-d 1-d)
     return out
 
 
@@ -321,7 +320,8 @@ def finish_result(canon: Canonical, out: np.ndarray) -> np.ndarray:
     if out.dtype == dtype:
         return out
     if dtype.kind == "b":
-        return out != 0
+        return out.astype(bool)  # nonzero: some product was true (astype keeps a 0-d array an array)
     if dtype.kind in "iu":
-        return np.rint(out).astype(np.int64).astype(dtype)
+        np.rint(out, out=out)
+        return out.astype(np.int64).astype(dtype)  # through int64: wraps as numpy's int arithmetic does
     return out.astype(dtype)
