@@ -8,6 +8,7 @@ import numpy as np
 
 from ._base import _as_float64
 
+
 def _evb_tau(x: np.ndarray, alpha: float) -> np.ndarray:
     """Solution tau of x = (1 + tau)(1 + alpha / tau), the larger root."""
     return 0.5 * (x - (1 + alpha) + np.sqrt((x - (1 + alpha)) ** 2 - 4 * alpha))
