@@ -7,9 +7,9 @@ projection ``T x_{m_1} U_1^T ...``. Start: HOSVD, the leading left singular vect
 chosen mode's unfolding. Then HOOI sweeps: each factor in turn becomes the leading left singular
 vectors of the unfolding of T projected on every other factor. The relative error
 ``||T - model|| / ||T|| = sqrt(||T||^2 - ||core||^2) / ||T||`` (orthonormal factors) is tracked
-after each sweep; the sweeps stop when it changes by less than ``tol`` (tensorly's rule and
-default, 1e-4), after ``n_iter_max`` sweeps, or if rounding ever makes a sweep worse (HOOI is
-monotone), keeping the better factors.
+after each sweep; the sweeps stop when it changes by less than ``tol`` between two sweeps,
+checked from the third sweep on (tensorly's rule and default, 1e-4), after ``n_iter_max``
+sweeps, or if rounding ever makes a sweep worse (HOOI is monotone), keeping the better factors.
 
 Speed. Each projection applies the factors that shrink the tensor most first; the sweep's last
 projection gives the core without recomputing it; leading singular vectors come from the
@@ -30,6 +30,7 @@ from ._base import (RankSpec, _as_float64, _check_fraction, _check_positive_int,
                     _is_sequence, _leading_left, _mode_dot, _result_dtype, _unfold, _weight_shape)
 from .vbmf import vbmf_rank
 
+MIN_SWEEPS = 3  # the change is checked from the third sweep on, as tensorly's partial_tucker does
 _TUCKER2_FORMS = ("an int >= 1 (both ranks, capped by the channel counts), a float in (0, 1] "
                   "(fraction of the dense parameter count), a pair (R_in, R_out) with "
                   "1 <= R_in <= I and 1 <= R_out <= O, or 'vbmf'")
@@ -86,7 +87,8 @@ def tucker(tensor, ranks: int | Sequence[int], modes: Sequence[int] | None = Non
     Returns ``(core, factors)``: one factor (I_m, R_m) with orthonormal columns per chosen mode,
     in the order of ``modes``, and the core, the tensor with each chosen mode m reduced to R_m,
     such that ``T ~ reconstruct_tucker(core, factors, modes)``. HOOI stops when the relative
-    error changes by less than ``tol`` between sweeps, or after ``n_iter_max`` sweeps (0: HOSVD).
+    error changes by less than ``tol`` between sweeps (from the third sweep on, as tensorly), or
+    after ``n_iter_max`` sweeps (0: HOSVD only).
     """
     x, dtype = _as_float64(tensor, None, "tucker")
     chosen = tucker_modes(x.ndim, modes)
@@ -104,7 +106,7 @@ def _tucker64(x: np.ndarray, chosen: tuple[int, ...], rank: tuple[int, ...], n_i
     core = _project(x, factors, None)
     error = _error(norm, core)
     last = chosen[-1]
-    for _ in range(n_iter_max):
+    for sweep in range(n_iter_max):
         new = dict(factors)
         for m, r in zip(chosen, rank):
             y = _project(x, new, m)
@@ -114,7 +116,7 @@ def _tucker64(x: np.ndarray, chosen: tuple[int, ...], rank: tuple[int, ...], n_i
         if new_error > error * (1 + 1e-12) + 1e-15:  # rounding only: keep the better factors
             break
         factors, core, change, error = new, new_core, error - new_error, new_error
-        if change < tol:
+        if sweep >= MIN_SWEEPS - 1 and change < tol:
             break
     return core, [factors[m] for m in chosen]
 
