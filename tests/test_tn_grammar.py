@@ -91,6 +91,8 @@ def test_malformed_equations_fail_before_any_task(index):
     (lambda a, b: tn.einsum(a, "ij", b, [1, 2]), TypeError, r"sublist of operand 0 must be a list"),
     (lambda a, b: tn.einsum(a, [0, 1], b, [1, 2], [0, "k"]), TypeError, r"output sublist.*'k'"),
     (lambda a, b: tn.einsum([0, 1], a), TypeError, r"looks like a sublist"),
+    (lambda a, b: tn.einsum(a), TypeError, r"got a ndarray and nothing else"),
+    (lambda a, b: tn.einsum(b"ij", a), TypeError, r"str, not bytes"),
     (lambda a, b: tn.einsum("ij,jk", a, b, optimize="bogus"), ValueError, r"bogus.*valid.*greedy"),
     (lambda a, b: tn.einsum("ij,jk", a, b, optimize=3), TypeError, r"optimize=3"),
     (lambda a, b: tn.einsum("ij,jk", a, b, optimize=[(0, 2)]), ValueError, r"path entry 0 \(0, 2\).*2 operand"),

@@ -119,6 +119,9 @@ def split_call(first: Any, rest: Sequence[Any]) -> tuple[str, list[Any]]:
         raise TypeError(f"einsum: the first argument {first!r} looks like a sublist; the interleaved form "
                         "is einsum(operand, sublist, operand, sublist, ..., [output sublist])")
     args = [first, *rest]
+    if len(args) < 2:
+        raise TypeError(f"einsum: got a {type(first).__name__} and nothing else; call einsum(equation, *operands) "
+                        "or einsum(operand, sublist, ..., [output sublist])")
     operands, terms = args[0::2], []
     output = None
     if len(args) % 2:  # an odd count: the last argument is the output sublist
