@@ -10,21 +10,24 @@ import math
 import numpy as np
 import opt_einsum
 import pytest
-from hypothesis import event, given
+from hypothesis import HealthCheck, event, given, settings
 
 import lotus_rt
 from lotus_rt import tn
 from lotus_rt.tn import grammar
-from tn_cases import (ENGINES, PROPERTY, assert_nothing_ran, grammar_cases, on_engine, quiet_runtime,
-                      reference_check)
+from tn_cases import ENGINES, assert_nothing_ran, grammar_cases, on_engine, quiet_runtime, reference_check
 
 torch = pytest.importorskip("torch")
 
 
 # ----------------------------------------------------------------------------- property test
 
+GRAMMAR_PROPERTY = settings(max_examples=100, deadline=None, derandomize=True, database=None,
+                            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-@PROPERTY
+@GRAMMAR_PROPERTY
 @given(case=grammar_cases())
 def test_random_grammar_matches_numpy(inline_engine, engine, case):
     """Random equations (repeated indices, hyperedges, scalars, ellipsis, size-1 broadcasting,
