@@ -32,7 +32,7 @@ def einsum(equation, *operands, optimize=None, tile: int | None = None):
 
         >>> import numpy as np, lotus_rt
         >>> a, b = np.ones((4, 3)), np.ones((3, 2))
-        >>> lotus_rt.einsum("ij,jk->ik", a, b)[0, 0]
+        >>> float(lotus_rt.einsum("ij,jk->ik", a, b)[0, 0])
         3.0
         >>> lotus_rt.einsum("ij,jk", a, b).shape, lotus_rt.einsum("...j,->...", a, 2).shape
         ((4, 2), (4,))
@@ -47,7 +47,7 @@ def contract_expression(equation: str, *shapes, optimize=None, tile: int | None 
 
         >>> import numpy as np, lotus_rt
         >>> expr = lotus_rt.contract_expression("ij,jk->ik", (4, 3), (3, 2))
-        >>> expr(np.ones((4, 3)), np.ones((3, 2)))[0, 0]
+        >>> float(expr(np.ones((4, 3)), np.ones((3, 2)))[0, 0])
         3.0
     """
     from lotus_rt import tn
