@@ -158,8 +158,25 @@ def check_hetero(data: dict) -> None:
         assert f.read(8) == PNG_MAGIC
 
 
+def check_decompose(data: dict) -> None:
+    rows = data["rows"]
+    assert {(r["tensor"], r["method"]) for r in rows} == {(t, m) for t in ("conv", "random", "low-rank")
+                                                          for m in ("tucker", "tucker2", "cp", "tt")}
+    for r in rows:
+        assert positive(r["time_s"]["tensorly"]) and positive(r["time_s"]["lotus_rt"])
+        assert positive(r["lotus_over_tensorly"])
+        assert r["lotus_over_tensorly"]["samples"] == pytest.approx(
+            [o / t for o, t in zip(r["time_s"]["lotus_rt"]["samples"], r["time_s"]["tensorly"]["samples"])])
+        assert 0 <= r["error"]["lotus_rt"] < 1 and 0 <= r["error"]["tensorly"] < 1
+        assert r["met"] == (r["error_met"] and r["time_met"])
+        if r["tensor"] == "low-rank":   # exactly low-rank at the decomposition's own ranks: fitted
+            assert r["error"]["lotus_rt"] < 1e-8, r
+    assert data["all_met"] == all(r["met"] for r in rows)
+
+
 CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_policies,
-          "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero}
+          "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero,
+          "decompose": check_decompose}
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
@@ -196,7 +213,8 @@ def test_list_and_unknown_scenario(tmp_path):
     proc = run_benchmarks(["-m", "benchmarks", "--list"], tmp_path, timeout=60)
     assert proc.returncode == 0, describe(proc)
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert listed == ["overhead", "einsum", "layers", "policies", "ncpu", "tiles", "hetero", "all"], proc.stdout
+    assert listed == ["overhead", "einsum", "layers", "policies", "ncpu", "tiles", "hetero", "decompose", "all"], \
+        proc.stdout
     proc = run_benchmarks(["-m", "benchmarks", "no-such-scenario"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "unknown scenario 'no-such-scenario'" in proc.stderr, describe(proc)
 
