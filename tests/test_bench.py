@@ -9,6 +9,7 @@ PNG's magic bytes. ``layers`` is checked only when its module exists.
 from __future__ import annotations
 
 import json
+import pathlib
 import os
 import subprocess
 import sys
@@ -120,6 +121,19 @@ def check_layers(data: dict) -> None:
         assert case["max_rel_error"] <= 1e-4
 
 
+def check_model(data: dict) -> None:
+    names = [m["name"] for m in data["models"]]
+    assert names == ["mnist_cnn", "resnet8"], names
+    for m in data["models"]:
+        for variant in ("dense", "tensorized"):
+            r = m["variants"][variant]
+            assert r["max_rel_error"] <= 1e-4 and r["tasks_per_step"]["forward"] > 0
+            assert positive(r["time_s"]["lotus"]) and positive(r["time_s"]["eager"])
+            assert positive(r["eager_over"]["lotus"]) and r["compile_skipped"]
+        assert m["variants"]["tensorized"]["params"] < m["variants"]["dense"]["params"]
+    assert (pathlib.Path(data["gantt"])).read_bytes()[:8] == PNG_MAGIC
+
+
 def check_hetero(data: dict) -> None:
     cfg = data["config"]
     assert data["complete"] is True and cfg["policies"] == ["dmda", "eager"]
@@ -176,7 +190,7 @@ def check_decompose(data: dict) -> None:
 
 CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_policies,
           "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero,
-          "decompose": check_decompose}
+          "decompose": check_decompose, "model": check_model}
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
@@ -213,8 +227,8 @@ def test_list_and_unknown_scenario(tmp_path):
     proc = run_benchmarks(["-m", "benchmarks", "--list"], tmp_path, timeout=60)
     assert proc.returncode == 0, describe(proc)
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert listed == ["overhead", "einsum", "layers", "policies", "ncpu", "tiles", "hetero", "decompose", "all"], \
-        proc.stdout
+    assert listed == ["overhead", "einsum", "layers", "model", "policies", "ncpu", "tiles", "hetero", "decompose",
+                      "all"], proc.stdout
     proc = run_benchmarks(["-m", "benchmarks", "no-such-scenario"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "unknown scenario 'no-such-scenario'" in proc.stderr, describe(proc)
 
