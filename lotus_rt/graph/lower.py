@@ -225,6 +225,19 @@ class Lowering:
             written = [s[1] for s in slots if s is not None]
             self.tree(written, C.ADD_INTO, priority=0, name="dparam_sum")
 
+    def written_each_step(self) -> list[Handle]:
+        """Handles whose data Python writes before a forward run: inputs, dropout masks, batch
+        norm factors, and the caller's parameters and state (an optimizer updates them in place)."""
+        handles = [self.value(v, t) for v in self.graph.inputs for t in range(self.ntiles)]
+        handles += [self.scratch[key][1] for key in self.scratch if key[1].startswith(("mask", "factor"))]
+        return handles + self.param_handles + self.buffer_handles
+
+    def result_grad_handles(self, input_grads: Sequence[bool]) -> list[Handle]:
+        """Handles Python reads after a backward run: wanted input gradients, parameter partials."""
+        handles = [self.grad[self.root[v]][t][1] for v, wanted in zip(self.graph.inputs, input_grads)
+                   if wanted and self.root[v] in self.grad for t in range(self.ntiles)]
+        return handles + [slot[1] for slots in self.pgrad.values() for slot in slots if slot is not None]
+
     def param_grad(self, p: int) -> np.ndarray | None:
         """The summed gradient of parameter p after the backward pass (None: none was needed)."""
         slots = self.pgrad.get(p)

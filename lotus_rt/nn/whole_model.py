@@ -37,7 +37,14 @@ TILES_PER_WORKER = 2
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().numpy()
+    """A host NumPy view (zero copy) of a CPU tensor; a host copy of a CUDA one."""
+    return tensor.detach().cpu().numpy()
+
+
+def _registrable(tensor: torch.Tensor) -> Any:
+    """What the runtime registers for a parameter or state buffer: a NumPy view of a CPU tensor,
+    the CUDA tensor itself (registered on its GPU, zero copy)."""
+    return tensor.detach() if tensor.is_cuda else tensor.detach().numpy()
 
 
 class _Held:
@@ -130,8 +137,8 @@ class RegionRunner:
             if not p.is_contiguous():  # registered zero copy: a contiguous copy becomes the parameter's data
                 with torch.no_grad():
                     p.data = p.data.contiguous()
-        param_arrays = [_array(p) for p in params]
-        buffer_arrays = [_array(b) for b in rg.buffers]
+        param_arrays = [_registrable(p) for p in params]
+        buffer_arrays = [_registrable(b) for b in rg.buffers]
         pool = self.pools.setdefault(key, _Pool())
         program = pool.take()
         if program is not None and not program.matches(param_arrays, buffer_arrays):
@@ -235,7 +242,9 @@ class WholeModel:
                         "and offload the reloaded model again")
 
     def _check_devices(self, args: tuple) -> None:
-        """One clear error for inputs the graph cannot take, before anything runs."""
+        """One clear error for inputs the graph cannot take, before anything runs. A model on a
+        CUDA device runs on a runtime with CUDA workers: its parameters and state are registered
+        on the GPU, the activations in host buffers StarPU moves (not yet run on a GPU)."""
         rt = runtime()
         for a in args:
             if not isinstance(a, torch.Tensor):
