@@ -55,6 +55,7 @@ class Program:
         self.lowering = Lowering(self.rt, graph, self.tiles, list(params), list(buffers), training,
                                  self.input_grads)
         self.with_backward = bool(self.lowering.needs)
+        self.generation = 0  # forwards run: a backward belongs to the forward of its generation
         self._forward: StepPlan | None = None
         self._backward: StepPlan | None = None
         try:
@@ -85,6 +86,7 @@ class Program:
         ``masks``: per dropout op (``id(op)``), its whole-batch mask; ``bn_factors``: per batch
         norm op, its running-average factor for this step."""
         lw = self.lowering
+        self.generation += 1
         for v, x in zip(self.graph.inputs, inputs):
             for t, (start, stop) in enumerate(self.tiles):
                 lw.value_array(v, t).reshape(stop - start, -1)[...] = x[start:stop].reshape(stop - start, -1)

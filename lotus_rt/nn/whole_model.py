@@ -48,13 +48,27 @@ def _registrable(tensor: torch.Tensor) -> Any:
 
 
 class _Held:
-    """Marks a program as holding a forward for a pending backward; frees it when collected."""
+    """A program holding one forward's buffers for its backward. It goes back to its pool after
+    the backward ran, or when the autograd graph is freed without one; a later backward through
+    the same graph (retain_graph) still works unless another forward has used the program since."""
 
     def __init__(self, pool: "_Pool", program: Program):
         self.pool, self.program = pool, program
+        self.generation = program.generation
+        self.returned = False
+
+    def check(self) -> None:
+        if self.program.generation != self.generation:
+            raise RuntimeError("lotus_rt: a second backward through an offloaded region after another forward "
+                               "reused its buffers; run the forward again instead of retain_graph=True")
+
+    def give_back(self) -> None:
+        if not self.returned:
+            self.returned = True
+            self.pool.give_back(self.program)
 
     def __del__(self):
-        self.pool.give_back(self.program)
+        self.give_back()
 
 
 class _Pool:
@@ -62,7 +76,6 @@ class _Pool:
 
     def __init__(self):
         self.free: list[Program] = []
-        self.busy: set[int] = set()
         self.lock = threading.Lock()
 
     def take(self) -> Program | None:
@@ -71,8 +84,8 @@ class _Pool:
 
     def give_back(self, program: Program) -> None:
         with self.lock:
-            self.busy.discard(id(program))
-            self.free.append(program)
+            if program not in self.free:
+                self.free.append(program)
 
 
 class RegionFunction(torch.autograd.Function):
@@ -92,8 +105,10 @@ class RegionFunction(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor):
         if ctx.held is None:
             raise RuntimeError("lotus_rt: this region's forward kept no state for a backward")
+        ctx.held.check()
         program = ctx.held.program
         input_grads, param_grads = program.backward([None if g is None else _array(g.contiguous()) for g in grads])
+        ctx.held.give_back()  # its buffers are free for the next forward (a loss kept alive keeps no program)
         wrap = ctx.region.wrap
         return (None, None, *[wrap(g) for g in input_grads], *[wrap(g) for g in param_grads])
 
