@@ -398,6 +398,22 @@ def contract_backward(lw: Lowering, op: Op) -> None:
                       name=f"{op.name}_acc[{t}]")
 
 
+def _input_grad_tasks(lw: Lowering, op: Op, codelet: Codelet, reads: Callable[[int], list[tuple[Handle, str]]],
+                      kwargs: Callable[[int], dict[str, Any]] = lambda t: {}) -> None:
+    """Per tile, the task adding a single-input op's input gradient: ``codelet(dy, *reads(t), dx)``."""
+    x = op.inputs[0]
+    if x not in lw.needs:
+        return
+    for t in range(lw.ntiles):
+        gy = lw.grad_source(op.output, t)
+        if gy is None:
+            continue
+        gx, accumulate = lw.grad_target(x, t)
+        lw.submit(codelet, (gy, "R"), *reads(t), (gx, "RW" if accumulate else "W"),
+                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
+                  **kwargs(t))
+
+
 def _unary(forward: Codelet, backward: Codelet, keeps: str, **static: Any):
     """Forward/backward emitters of an element-wise op; ``keeps``: what its backward reads
     besides dy ("y": the output, "x": the input)."""
@@ -408,19 +424,9 @@ def _unary(forward: Codelet, backward: Codelet, keeps: str, **static: Any):
                       priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]", **attrs)
 
     def emit_backward(lw: Lowering, op: Op) -> None:
-        x = op.inputs[0]
-        if x not in lw.needs:
-            return
+        kept = op.output if keeps == "y" else op.inputs[0]
         attrs = {k: op.attrs[k] for k in static}
-        for t in range(lw.ntiles):
-            gy = lw.grad_source(op.output, t)
-            if gy is None:
-                continue
-            kept = lw.value(op.output if keeps == "y" else x, t)
-            gx, accumulate = lw.grad_target(x, t)
-            lw.submit(backward, (gy, "R"), (kept, "R"), (gx, "RW" if accumulate else "W"),
-                      priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]",
-                      accumulate=accumulate, **attrs)
+        _input_grad_tasks(lw, op, backward, lambda t: [(lw.value(kept, t), "R")], lambda t: attrs)
     return emit_forward, emit_backward
 
 
@@ -428,27 +434,21 @@ relu_forward, relu_backward = _unary(C.RELU, C.RELU_DX, "y")
 gelu_forward, gelu_backward = _unary(C.GELU, C.GELU_DX, "x", approximate=None)
 
 
+def _mask(lw: Lowering, op: Op, t: int) -> tuple[np.ndarray, Handle]:
+    return lw.scratch_array(op, f"mask{t}", lw.tile_shape(op.output, t), lw.graph.values[op.output].dtype)
+
+
 def dropout_forward(lw: Lowering, op: Op) -> None:
     masks = lw.masks[id(op)] = []
     for t in range(lw.ntiles):
-        mask, handle = lw.scratch_array(op, f"mask{t}", lw.tile_shape(op.output, t), lw.graph.values[op.output].dtype)
+        mask, handle = _mask(lw, op, t)
         masks.append(mask)
         lw.submit(C.DROPOUT, (lw.value(op.inputs[0], t), "R"), (handle, "R"), (lw.value(op.output, t), "W"),
                   priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]")
 
 
 def dropout_backward(lw: Lowering, op: Op) -> None:
-    x = op.inputs[0]
-    if x not in lw.needs:
-        return
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        _, mask = lw.scratch_array(op, f"mask{t}", lw.tile_shape(op.output, t), lw.graph.values[op.output].dtype)
-        gx, accumulate = lw.grad_target(x, t)
-        lw.submit(C.DROPOUT_DX, (gy, "R"), (mask, "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate)
+    _input_grad_tasks(lw, op, C.DROPOUT_DX, lambda t: [(_mask(lw, op, t)[1], "R")])
 
 
 def _pool_kwargs(lw: Lowering, op: Op, t: int, keys: Sequence[str]) -> dict[str, Any]:
@@ -459,27 +459,20 @@ MAXPOOL_KEYS = ("kernel", "stride", "padding", "dilation", "ceil_mode")
 AVGPOOL_KEYS = ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
 
+def _indices(lw: Lowering, op: Op, t: int) -> Handle:
+    return lw.scratch_array(op, f"indices{t}", lw.tile_shape(op.output, t), np.int64)[1]
+
+
 def maxpool_forward(lw: Lowering, op: Op) -> None:
     for t in range(lw.ntiles):
-        _, indices = lw.scratch_array(op, f"indices{t}", lw.tile_shape(op.output, t), np.int64)
-        lw.submit(C.MAXPOOL, (lw.value(op.inputs[0], t), "R"), (lw.value(op.output, t), "W"), (indices, "W"),
-                  priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]",
+        lw.submit(C.MAXPOOL, (lw.value(op.inputs[0], t), "R"), (lw.value(op.output, t), "W"),
+                  (_indices(lw, op, t), "W"), priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]",
                   **_pool_kwargs(lw, op, t, MAXPOOL_KEYS))
 
 
 def maxpool_backward(lw: Lowering, op: Op) -> None:
-    x = op.inputs[0]
-    if x not in lw.needs:
-        return
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        _, indices = lw.scratch_array(op, f"indices{t}", lw.tile_shape(op.output, t), np.int64)
-        gx, accumulate = lw.grad_target(x, t)
-        lw.submit(C.MAXPOOL_DX, (gy, "R"), (lw.value(x, t), "R"), (indices, "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
-                  **_pool_kwargs(lw, op, t, MAXPOOL_KEYS))
+    _input_grad_tasks(lw, op, C.MAXPOOL_DX, lambda t: [(lw.value(op.inputs[0], t), "R"), (_indices(lw, op, t), "R")],
+                      lambda t: _pool_kwargs(lw, op, t, MAXPOOL_KEYS))
 
 
 def avgpool_forward(lw: Lowering, op: Op) -> None:
@@ -490,17 +483,8 @@ def avgpool_forward(lw: Lowering, op: Op) -> None:
 
 
 def avgpool_backward(lw: Lowering, op: Op) -> None:
-    x = op.inputs[0]
-    if x not in lw.needs:
-        return
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        gx, accumulate = lw.grad_target(x, t)
-        lw.submit(C.AVGPOOL_DX, (gy, "R"), (lw.value(x, t), "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
-                  y_shape=lw.tile_shape(op.output, t), **_pool_kwargs(lw, op, t, AVGPOOL_KEYS))
+    _input_grad_tasks(lw, op, C.AVGPOOL_DX, lambda t: [(lw.value(op.inputs[0], t), "R")],
+                      lambda t: {"y_shape": lw.tile_shape(op.output, t), **_pool_kwargs(lw, op, t, AVGPOOL_KEYS)})
 
 
 def add_forward(lw: Lowering, op: Op) -> None:
