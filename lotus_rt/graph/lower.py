@@ -289,9 +289,12 @@ def conv_forward(lw: Lowering, op: Op) -> None:
                   bias=bias, relu=relu, **_conv_kwargs(lw, op, t))
 
 
-def conv_backward(lw: Lowering, op: Op) -> None:
+def _weighted_backward(lw: Lowering, op: Op, dx_codelet: Codelet, dw_codelet: Codelet,
+                       dx_reads: Callable[[int], list], dw_reads: Callable[[int], list],
+                       kwargs: Callable[[int, str], dict[str, Any]]) -> None:
+    """Per tile, a layer's input gradient (critical path) and its weight and bias partials (low
+    priority: they overlap the backward of the layers below); a fused ReLU masks dy with y."""
     relu, x = bool(op.attrs.get("relu")), op.inputs[0]
-    w = (lw.param_handles[op.params[0]], "R")
     for t in range(lw.ntiles):
         gy = lw.grad_source(op.output, t)
         if gy is None:
@@ -299,14 +302,20 @@ def conv_backward(lw: Lowering, op: Op) -> None:
         y = [(lw.value(op.output, t), "R")] if relu else []
         if x in lw.needs:
             gx, accumulate = lw.grad_target(x, t)
-            lw.submit(C.CONV_DX, (gy, "R"), (lw.value(x, t), "R"), w, *y, (gx, "RW" if accumulate else "W"),
+            lw.submit(dx_codelet, (gy, "R"), *dx_reads(t), *y, (gx, "RW" if accumulate else "W"),
                       priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", relu=relu,
-                      accumulate=accumulate, **_conv_kwargs(lw, op, t))
+                      accumulate=accumulate, **kwargs(t, "dx"))
         grads, flags = _weight_grads(lw, op, t, op.attrs["bias"])
         if grads:
-            lw.submit(C.CONV_DW, (gy, "R"), (lw.value(x, t), "R"), w, *y, *grads,
+            lw.submit(dw_codelet, (gy, "R"), *dw_reads(t), *y, *grads,
                       priority=lw.backward_priority(op, t, False), name=f"{op.name}[{t}]", relu=relu,
-                      **flags, **_conv_kwargs(lw, op, t))
+                      **flags, **kwargs(t, "dw"))
+
+
+def conv_backward(lw: Lowering, op: Op) -> None:
+    w = (lw.param_handles[op.params[0]], "R")
+    reads = lambda t: [(lw.value(op.inputs[0], t), "R"), w]  # noqa: E731
+    _weighted_backward(lw, op, C.CONV_DX, C.CONV_DW, reads, reads, lambda t, _: _conv_kwargs(lw, op, t))
 
 
 def linear_forward(lw: Lowering, op: Op) -> None:
@@ -320,25 +329,15 @@ def linear_forward(lw: Lowering, op: Op) -> None:
 
 
 def linear_backward(lw: Lowering, op: Op) -> None:
-    relu, x = bool(op.attrs.get("relu")), op.inputs[0]
-    w = (lw.param_handles[op.params[0]], "R")
+    x, w = op.inputs[0], (lw.param_handles[op.params[0]], "R")
     out_features = lw.graph.params[op.params[0]].shape[0]
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        y = [(lw.value(op.output, t), "R")] if relu else []
-        if x in lw.needs:
-            gx, accumulate = lw.grad_target(x, t)
-            lw.submit(C.LINEAR_DX, (gy, "R"), w, *y, (gx, "RW" if accumulate else "W"),
-                      priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", relu=relu,
-                      accumulate=accumulate)
-        grads, flags = _weight_grads(lw, op, t, op.attrs["bias"])
-        if grads:
-            x_shape = (lw.rows(t), lw.graph.values[x].sample_size)
-            lw.submit(C.LINEAR_DW, (gy, "R"), (lw.value(x, t), "R"), *y, *grads,
-                      priority=lw.backward_priority(op, t, False), name=f"{op.name}[{t}]", relu=relu,
-                      x_shape=x_shape, out_features=out_features, **flags)
+
+    def kwargs(t: int, which: str) -> dict[str, Any]:
+        if which == "dx":
+            return {}
+        return {"x_shape": (lw.rows(t), lw.graph.values[x].sample_size), "out_features": out_features}
+
+    _weighted_backward(lw, op, C.LINEAR_DX, C.LINEAR_DW, lambda t: [w], lambda t: [(lw.value(x, t), "R")], kwargs)
 
 
 def contract_forward(lw: Lowering, op: Op) -> None:
