@@ -22,7 +22,10 @@ model is the second baseline (what tensorizing buys a user). A Gantt chart of on
 of the tensorized demo model is drawn, coloured by layer.
 
     python -m benchmarks model [--quick] [--out DIR] [--batch 64] [--repeats 7] [--steps 3]
-                               [--models mnist_cnn,resnet8] [--no-compile]
+                               [--models mnist_cnn,resnet8] [--no-compile] [--device cuda]
+
+``--device cuda`` (the GPU run): the models and inputs on the GPU, torch eager on the same card
+(synchronised), the offloaded model on a runtime with CUDA workers; torch.compile is skipped.
 
 Writes ``DIR/model[_quick].json``, ``model[_quick].png`` (speed-ups) and
 ``model[_quick]_gantt.png``. Exit status 1 when an offloaded model disagrees with eager.
@@ -100,6 +103,11 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return loss
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, pause=None) -> Callable[[], float]:
     def run() -> float:
         if pause is not None:
@@ -110,9 +118,11 @@ def _timed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, pause
 
 
 def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    _sync(x.device)
     start = time.perf_counter()
     for _ in range(steps):
         training_step(model, x, y)
+    _sync(x.device)
     return (time.perf_counter() - start) / steps
 
 
@@ -135,16 +145,17 @@ def _compiled(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[nn.Mo
 
 
 def run_model(name: str, make, sample_shape, tensorize: dict, batch: int, repeats: int, steps: int, compile_: bool,
-              rt, gantt: Any = None) -> dict:
+              rt, gantt: Any = None, device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    x = torch.randn((batch,) + sample_shape)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn((batch,) + sample_shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
     variants: dict[str, dict] = {}
     timers: dict[str, Callable[[], float]] = {}
     for variant in ("dense", "tensorized"):
         reference = make()
         if variant == "tensorized":
             lotus_rt.tensorize(reference, verbose=False, **tensorize)
+        reference = reference.to(device)
         offloaded = lotus_rt.offload(copy.deepcopy(reference))
         error = max_rel_error(offloaded, reference, x, y)
         forward_tasks, backward_tasks = _plan_tasks(offloaded)
@@ -219,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps per sample (default 3; 1 with --quick)")
     parser.add_argument("--models", default=None, help="comma-separated subset of mnist_cnn,resnet8")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the models and inputs live (cuda: the GPU run; torch.compile skipped)")
     args = parser.parse_args(argv)
     batch = args.batch or (8 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -235,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path = common.result_path(args.out, "model", args.quick)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     gantt = json_path.with_name(json_path.stem + "_gantt.png")
-    results = [run_model(name, *available[name], batch, repeats, steps, not (args.quick or args.no_compile), rt,
-                         gantt if name == chosen[0] else None) for name in chosen]
+    compile_ = not (args.quick or args.no_compile or args.device == "cuda")
+    results = [run_model(name, *available[name], batch, repeats, steps, compile_, rt,
+                         gantt if name == chosen[0] else None, args.device) for name in chosen]
     result = {"scenario": "model", "quick": args.quick, "environment": common.environment(rt),
               "config": {"threads": threads, "batch": batch, "repeats": repeats, "steps_per_sample": steps,
-                         "dtype": "float32"},
+                         "dtype": "float32", "device": args.device},
               "targets": TARGETS, "models": results, "gantt": str(gantt)}
     json_path = common.write_result(args.out, "model", args.quick, result)
     plot(result, common.png_path(json_path))
