@@ -18,6 +18,7 @@ the home copies themselves and nothing is needed.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +33,37 @@ def address(array) -> int:
     if isinstance(array, np.ndarray):
         return array.ctypes.data
     return int(array.__cuda_array_interface__["data"][0])
+
+
+# A tile's share of a heavy op (convolution, linear, tensor network) should be worth a task: a
+# task costs about 6-10 µs of runtime overhead (replayed), a MFLOP about 50 µs at 2e10 FLOP/s.
+MIN_TILE_FLOPS = 1e6
+
+
+def heavy_flops(graph: Graph) -> list[float]:
+    """Forward FLOPs of each convolution, linear and tensor-network op of the graph."""
+    flops = []
+    for op in graph.ops:
+        n = graph.values[op.output].shape[0]
+        out = graph.values[op.output].shape
+        if op.kind == "conv":
+            view = op.attrs.get("w_view")
+            kernel = view[1] if view else graph.params[op.params[0]].shape
+            flops.append(2.0 * n * math.prod(out[1:]) * math.prod(kernel[1:]))
+        elif op.kind == "linear":
+            flops.append(2.0 * n * math.prod(graph.params[op.params[0]].shape))
+        elif op.kind == "contract":
+            cores = op.params[:len(op.params) - int(op.attrs["bias"])]
+            flops.append(2.0 * n * sum(math.prod(graph.params[p].shape) for p in cores))
+    return flops
+
+
+def tile_count(graph: Graph, batch: int, nworkers: int, per_worker: int) -> int:
+    """How many batch tiles: ``per_worker`` per worker, fewer when a heavy op's share of a tile
+    would not be worth a task (MIN_TILE_FLOPS), never more than samples."""
+    flops = heavy_flops(graph)
+    worth = int((sum(flops) / len(flops)) // MIN_TILE_FLOPS) if flops else 1
+    return max(1, min(per_worker * max(nworkers, 1), worth, batch))
 
 
 def tile_ranges(batch: int, ntiles: int, rows: int | None = None) -> list[tuple[int, int]]:

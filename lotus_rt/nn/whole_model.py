@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from lotus_rt.graph.fuse import fuse_relu
-from lotus_rt.graph.program import Program, tile_ranges
+from lotus_rt.graph.program import Program, tile_count, tile_ranges
 from lotus_rt.nn import capture
 from lotus_rt.runtime import runtime
 
@@ -161,8 +161,8 @@ class RegionRunner:
             program = None
         if program is None:
             batch = inputs[0].shape[0]
-            nworkers = sum(kind == "cpu" for kind, _ in runtime().workers) or 1
-            tiles = tile_ranges(batch, TILES_PER_WORKER * nworkers, runtime().settings.tile)
+            nworkers = len(runtime().workers)
+            tiles = tile_ranges(batch, tile_count(rg.graph, batch, nworkers, TILES_PER_WORKER), runtime().settings.tile)
             program = Program(rg.graph, batch, param_arrays, buffer_arrays, training, list(input_grads), tiles)
         masks = self._dropout_masks(rg, inputs[0].dtype)
         factors = self._batchnorm_factors(rg)
