@@ -16,6 +16,7 @@ same masks as torch eager.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import warnings
 import weakref
@@ -34,6 +35,8 @@ from lotus_rt.runtime import runtime
 # Batch tiles per CPU worker of the runtime: enough for tiles of one layer to overlap the next
 # layer's while every worker stays busy.
 TILES_PER_WORKER = 2
+# Keys (input shape, mode, gradient flags) whose programs a region keeps: each holds its buffers.
+MAX_KEYS = 8
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
@@ -118,7 +121,7 @@ class RegionRunner:
 
     def __init__(self, gm: fx.GraphModule, region: capture.Region):
         self.gm, self.region = gm, region
-        self.pools: dict[tuple, _Pool] = {}
+        self.pools: collections.OrderedDict[tuple, _Pool] = collections.OrderedDict()
         self.graphs: dict[tuple, capture.RegionGraph] = {}
         self.device = torch.device("cpu")
 
@@ -154,7 +157,7 @@ class RegionRunner:
                     p.data = p.data.contiguous()
         param_arrays = [_registrable(p) for p in params]
         buffer_arrays = [_registrable(b) for b in rg.buffers]
-        pool = self.pools.setdefault(key, _Pool())
+        pool = self._pool(key)
         program = pool.take()
         if program is not None and not program.matches(param_arrays, buffer_arrays):
             program.release()  # the parameters moved (replaced or re-allocated): lower again
@@ -168,6 +171,19 @@ class RegionRunner:
         factors = self._batchnorm_factors(rg)
         outputs = program.forward([_array(x.contiguous()) for x in inputs], masks, factors)
         return [self.wrap(o) for o in outputs], program, pool
+
+    def _pool(self, key: tuple) -> _Pool:
+        """The key's pool, most recently used last; past MAX_KEYS keys (input shapes, modes) the
+        least recently used one's idle programs are freed."""
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _Pool()
+            while len(self.pools) > MAX_KEYS:
+                _, old = self.pools.popitem(last=False)
+                for program in old.free:
+                    program.release()
+        self.pools.move_to_end(key)
+        return pool
 
     def _dropout_masks(self, rg: capture.RegionGraph, dtype: torch.dtype) -> dict[int, np.ndarray]:
         masks = {}
