@@ -283,16 +283,18 @@ def gd_step(xp: Any, grad: Any, x: Any, state: Any, *, n_samples: int, reg: floa
 
 # ---------------------------------------------------------------------------------- SVD split
 
-def truncation_rank(s: np.ndarray, max_rank: int, cutoff: float) -> int:
+def truncation_rank(s: np.ndarray, max_rank: int, cutoff: float, rtol: float = 0.0) -> int:
     """Smallest rank whose discarded weight (sum of the dropped s_i^2) is at most ``cutoff`` of
-    the total, capped at ``max_rank``; zero singular values are always dropped, 1 is the floor."""
+    the total, capped at ``max_rank``; singular values at most ``rtol`` s_max count as zero and
+    are always dropped (the numerical rank, as in ``numpy.linalg.matrix_rank``); 1 is the floor."""
     w = np.asarray(s, dtype=np.float64) ** 2
     total = w.sum()
     if total <= 0.0:
         return 1
     tail = np.append(np.cumsum(w[::-1])[::-1], 0.0)  # tail[k]: weight discarded when keeping k
     keep = int(np.argmax(tail <= cutoff * total))
-    return max(1, min(keep, max_rank, int(np.count_nonzero(w > 0))))
+    numerical = int(np.count_nonzero(np.asarray(s, dtype=np.float64) > rtol * float(np.max(s))))
+    return max(1, min(keep, max_rank, numerical))
 
 
 def _svd(xp: Any, m: Any) -> tuple[Any, Any, Any]:
@@ -320,7 +322,7 @@ def split(xp: Any, bond: Any, left: Any, right: Any, info: Any, *, direction: st
         raise ValueError(f"split: direction must be 'left' or 'right', got {direction!r}")
     u, s, vt = _svd(xp, m)
     s_host = s.get() if hasattr(s, "get") else np.asarray(s)
-    k = truncation_rank(s_host, max_rank, cutoff)
+    k = truncation_rank(s_host, max_rank, cutoff, rtol=max(m.shape) * float(np.finfo(s_host.dtype).eps))
     total = float((s_host.astype(np.float64) ** 2).sum())
     info[0] = k
     info[1] = float((s_host[k:].astype(np.float64) ** 2).sum()) / total if total > 0 else 0.0

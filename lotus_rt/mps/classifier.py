@@ -79,13 +79,16 @@ class MPSClassifier:
     ``ntiles`` batch tiles, default 2 per worker) or "realspace" (two segments concurrently);
     solver: "cg" (``iters`` conjugate-gradient steps on the local least-squares problem) or
     "gd" (``iters`` gradient steps of length ``lr``); reg: L2 penalty of the local problem;
-    cutoff: discarded-weight fraction allowed in each SVD; dtype: "float32" or "float64".
+    cutoff: discarded-weight fraction allowed in each SVD; dtype: "float32" or "float64";
+    boundary, warmup: the real-space sweep's cut site and number of serial sweeps first;
+    runtime: the runtime to run on (default: the process-wide ``lotus_rt.runtime()``).
     """
 
     def __init__(self, n_sites: int, bond_dim: int, feature_map: str = "cos-sin", *, n_labels: int = 10,
                  sweeps: int = 3, sweep: str = "serial", ntiles: int | None = None, solver: str = "cg",
                  iters: int = 5, reg: float = 1e-3, lr: float = 1.0, cutoff: float = 1e-10,
-                 boundary: int | None = None, warmup: int = 0, dtype: str = "float32", seed: int = 0):
+                 boundary: int | None = None, warmup: int = 0, dtype: str = "float32", seed: int = 0,
+                 runtime: Runtime | None = None):
         self.n_sites = _int(n_sites, "n_sites", 2)
         self.bond_dim = _int(bond_dim, "bond_dim", 1)
         self.feature_map = features.check_feature_map(feature_map)
@@ -106,6 +109,9 @@ class MPSClassifier:
             raise ValueError(f"dtype={dtype!r} is not valid; valid values: {', '.join(DTYPES)}")
         self.dtype = np.dtype(str(dtype))
         self.seed = _int(seed, "seed", 0)
+        if runtime is not None and not isinstance(runtime, Runtime):
+            raise ValueError(f"runtime must be a lotus_rt Runtime or None, got {type(runtime).__name__}")
+        self.runtime = runtime
         self.warmup = _int(warmup, "warmup", 0)
         self.engine = self._make_engine(boundary)
         if self.n_sites < self.engine.min_sites():
@@ -125,6 +131,9 @@ class MPSClassifier:
         if boundary is not None:
             boundary = _int(boundary, "boundary", 2)
         return RealSpaceSweep(1 if self.ntiles is None else self.ntiles, boundary, self.warmup)
+
+    def _rt(self) -> Runtime:
+        return self.runtime if self.runtime is not None else lotus_rt.runtime()
 
     def _solver(self) -> Solver:
         return Solver(max_rank=self.bond_dim, kind=self.solver, iters=self.iters, reg=self.reg, lr=self.lr,
@@ -165,7 +174,7 @@ class MPSClassifier:
             if x_val is None or y_val is None:
                 raise ValueError("give both x_val and y_val, or neither")
             val = self._check_xy(x_val, y_val, "_val")
-        rt = lotus_rt.runtime()
+        rt = self._rt()
         n_workers = sum(kind == "cpu" for kind, _ in rt.workers) or 1
         n, d, dim, nlab = pixels.shape[0], features.LOCAL_DIM, self.bond_dim, self.n_labels
         center = self.engine.center_site(self.n_sites)
@@ -250,7 +259,7 @@ class MPSClassifier:
         """(n, n_labels) scores; each row is defined up to a positive factor (arg-max is the class)."""
         state = self._fitted()
         pixels = features.check_pixels(x, self.n_sites)
-        rt = lotus_rt.runtime()
+        rt = self._rt()
         n_workers = sum(kind == "cpu" for kind, _ in rt.workers) or 1
         return inference.scores(rt, state, pixels, self.feature_map, 2 * n_workers)
 

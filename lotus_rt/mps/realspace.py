@@ -17,8 +17,7 @@ sweep. A sweep is:
    labels as directly as the serial sweep does. The two chains share no handle that either
    writes; StarPU runs them side by side, and their submissions are interleaved bond by bond.
 3. join: the two centres are merged element-wise in l into the bond tensor of (m-1, m), which
-   is updated like any other bond (``join_iters`` times the CG iterations: it reconciles two
-   halves that moved apart) and split with the centre back at m-1.
+   is updated like any other bond and split with the centre back at m-1.
 
 2(m-1) + 2(N-m-1) + 1 = 2N-3 updates per sweep (the serial sweep does 2N-2), the two segments'
 running concurrently. Each segment sees the other one sweep late, so the math is not the serial
@@ -28,7 +27,6 @@ environments at every cut of both segments, about N n L D values on top of (N+1)
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from lotus_rt.mps import codelets as cl
@@ -43,13 +41,12 @@ class RealSpaceSweep:
 
     name = "realspace"
 
-    def __init__(self, ntiles: int = 1, boundary: int | None = None, warmup: int = 0, join_iters: int = 4):
+    def __init__(self, ntiles: int = 1, boundary: int | None = None, warmup: int = 0):
         if int(ntiles) < 1:
             raise ValueError(f"realspace sweep: ntiles={ntiles!r} must be >= 1")
         self.ntiles_requested = int(ntiles)
         self.boundary_requested = boundary
         self.warmup = int(warmup)
-        self.join_iters = int(join_iters)
         self._left: Workspace | None = None
         self._right: Workspace | None = None
         self._center: Handle | None = None
@@ -106,9 +103,9 @@ class RealSpaceSweep:
                 submit_bond(rt, model, chain, j, direction, solver, rows[i], env_after=env_needed(visits, i))
             return chain.futures
         # 1. fork: a copy of the label for the right segment, labelled boundary environments
-        rt.submit(cl.LABEL_COPY, (model.sites[m], "R"), (self._center, "W"), name="right.fork")
-        submit_left(rt, data, envs.main[m - 1], center, envs.labelled_left[m], m - 1, "right.fork")
-        submit_right(rt, data, envs.main[m + 1], self._center, envs.labelled_right[m], m, "left.fork")
+        rt.submit(cl.LABEL_COPY, (model.sites[m], "R"), (self._center, "W"), name="fork.copy")
+        submit_left(rt, data, envs.main[m - 1], center, envs.labelled_left[m], m - 1, "fork")
+        submit_right(rt, data, envs.main[m + 1], self._center, envs.labelled_right[m], m, "fork")
         # 2. the two segments, submitted alternately so that both start at once
         left = Chain("left", center, envs.main, envs.labelled_right, self._left)
         right = Chain("right", self._center, envs.labelled_left, envs.main, self._right)
@@ -123,8 +120,7 @@ class RealSpaceSweep:
                                                env_after=env_needed(visits, i)))
         # 3. join across the boundary
         join = Chain("join", center, envs.main, envs.main, self._left)
-        join_solver = dataclasses.replace(solver, iters=solver.iters * self.join_iters)
-        futures.append(submit_bond(rt, model, join, m - 1, "left", join_solver, next(row),
+        futures.append(submit_bond(rt, model, join, m - 1, "left", solver, next(row),
                                    pair=(center, self._center, "both")))
         return futures
 
