@@ -31,6 +31,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "ncpu": ("benchmarks.ncpu", "STARPU_NCPU = 1..cores: speedup and parallel efficiency"),
     "tiles": ("benchmarks.tiles", "tile-size sweep of a tiled GEMM and a TT einsum vs untiled"),
     "hetero": ("benchmarks.hetero", "policies x worker mixes (cpu, gpu, hybrid): GEMM DAG, TT and Tucker steps"),
+    "mps": ("benchmarks.mps_bench", "MPS classifier by DMRG sweeps: accuracy vs D, serial vs parallel sweeps, TT DMRG vs Adam"),
 }
 
 
