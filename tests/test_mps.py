@@ -354,3 +354,95 @@ def test_predict_before_fit_and_bad_validation_set(rt, rng):
         clf.predict(x)
     with pytest.raises(ValueError, match="x_val and y_val"):
         clf.fit(x, y, x_val=x)
+
+
+# ---------------------------------------------------------------------------------- torch peer, TT DMRG
+
+def test_torch_peer_scores_match_the_runtime_inference(rt, rng):
+    torch = pytest.importorskip("torch")
+    from lotus_rt.nn.mps_torch import TorchMPS
+    n_sites, dim, labels = 9, 5, 3
+    model = TorchMPS(n_sites, dim, n_labels=labels, init_std=0.5, dtype=torch.float64, seed=int(rng.integers(1000)))
+    pixels = rng.random((12, n_sites))
+    with torch.no_grad():
+        ours = model(model.phi(pixels)).numpy()
+    st = state_mod.MPSState(model.sites.detach().numpy().copy(), model.center.detach().numpy().copy(),
+                            model.center_site, [1] + [dim] * (n_sites - 1) + [1])
+    ref = inference.scores(rt, st, pixels, "cos-sin", ntiles=2)
+    np.testing.assert_allclose(ours / np.linalg.norm(ours, axis=1, keepdims=True),
+                               ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-10)
+
+
+@pytest.mark.parametrize("bond", [0, 1, 2])
+def test_tt_bond_gradient_matches_torch_autograd(bond):
+    torch = pytest.importorskip("torch")
+    from lotus_rt import tn
+    from lotus_rt.nn.dmrg import bond_gradient_equation
+    torch.manual_seed(bond)
+    in_shape, out_shape, d = (2, 3, 2, 2), (3, 2, 2, 2), 4
+    layer = lotus_rt.TTLinear(in_shape, out_shape, 3, dtype=torch.float64)
+    x, w = torch.randn(6, 24, dtype=torch.float64), torch.randn(6, 24, dtype=torch.float64)
+    cores = [c.detach() for c in layer.cores]
+    merged = torch.einsum("aiob,bjpc->aiojpc", cores[bond], cores[bond + 1]).requires_grad_()
+    parts = cores[:bond] + [merged] + cores[bond + 2:]
+    weight = parts[0]
+    for p in parts[1:]:   # dense weight, in/out interleaved, built up from the left
+        weight = torch.tensordot(weight, p, dims=([weight.dim() - 1], [0]))
+    weight = weight.reshape([1] + [n for pair in zip(in_shape, out_shape) for n in pair] + [1])
+    perm = [1 + 2 * j for j in range(d)] + [2 + 2 * j for j in range(d)]
+    dense = weight[0, ..., 0].permute([p - 1 for p in perm]).reshape(24, 24)
+    ((x @ dense) * w).sum().backward()
+    ops = [c.numpy()[0] if j == 0 else c.numpy()[..., 0] if j == d - 1 else c.numpy()
+           for j, c in enumerate(cores) if j not in (bond, bond + 1)]
+    grad = tn.einsum(bond_gradient_equation(d, bond), x.numpy().reshape((6,) + in_shape).copy(),
+                     w.numpy().reshape((6,) + out_shape).copy(), *[np.ascontiguousarray(o) for o in ops])
+    np.testing.assert_allclose(grad.reshape(merged.shape), merged.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_dmrg_optimizer_fits_a_tt_layer_and_adapts_ranks():
+    torch = pytest.importorskip("torch")
+    from lotus_rt.nn.dmrg import DMRGOptimizer, make_optimizer
+    torch.manual_seed(0)
+    teacher = lotus_rt.TTLinear((4, 4, 4), (2, 4, 2), 3, bias=False, dtype=torch.float64)
+    student = lotus_rt.TTLinear((4, 4, 4), (2, 4, 2), 2, bias=False, dtype=torch.float64)
+    x = torch.randn(256, 64, dtype=torch.float64)
+    with torch.no_grad():
+        target, before = teacher(x), student(x)
+    opt = DMRGOptimizer(student, lr=0.5, max_rank=6, cutoff=0.0)
+    with torch.no_grad():   # building the optimiser canonicalises the cores: same function
+        torch.testing.assert_close(student(x), before)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = ((student(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.05 * losses[0]
+    assert max(student.ranks) == 6 and student.ranks[0] == student.ranks[-1] == 1   # grew to the cap
+    assert [tuple(c.shape[::3]) for c in student.cores] == list(zip(student.ranks[:-1], student.ranks[1:]))
+    small = DMRGOptimizer(student, lr=0.5, max_rank=2)
+    for _ in range(4):
+        small.zero_grad()
+        ((student(x) - target) ** 2).mean().backward()
+        small.step()
+    assert max(student.ranks) == 2   # truncated by the SVD split
+    model = torch.nn.Sequential(torch.nn.Linear(3, 64), student)
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        make_optimizer("sgd", model, lr=0.1)
+    with pytest.raises(ValueError, match="TTLinear"):
+        make_optimizer("dmrg", torch.nn.Linear(3, 3), lr=0.1)
+    combined = make_optimizer("dmrg", model, lr=0.1)
+    assert combined.others is not None and combined.layers == [student]
+
+
+def test_cli_prints_one_line_per_sweep_off_a_terminal(run_py, describe_proc):
+    args = ["mps", "--size", "7", "--train", "300", "--test", "100", "--bond-dim", "3", "--sweeps", "2"]
+    proc = run_py("import sys; from lotus_rt import cli; sys.exit(cli.main(sys.argv[1:]))", args=args, timeout=120)
+    assert proc.returncode == 0, describe_proc(proc)
+    lines = proc.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("sweep ")] == ["sweep 1/2", "sweep 2/2"]
+    assert any(ln.startswith("test accuracy ") for ln in lines) and "bond/s" not in proc.stdout + proc.stderr
+    bad = run_py("import sys; from lotus_rt import cli; sys.exit(cli.main(sys.argv[1:]))",
+                 args=["mps", "--bond-dim", "0"], timeout=60)
+    assert bad.returncode == 2 and "bond_dim=0 must be an integer >= 1" in bad.stderr

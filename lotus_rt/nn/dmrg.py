@@ -15,8 +15,8 @@ B = G_k G_{k+1}, so a gradient step on B is a step of the same length on W. ``st
 4. the sweep position moves one bond (right to the last bond, then left, and so on).
 
 The other parameters (biases, layers that are not TT) are left to ``others``, a torch optimiser
-(Adam in ``make_optimizer``). Core shapes change when ranks change: the cores stay the same
-``nn.Parameter`` objects with new ``.data``, so no optimiser may keep per-parameter state for them.
+(Adam in ``make_optimizer``). When a rank changes, the two cores it joins become new
+``nn.Parameter`` objects (autograd fixes a leaf's shape), so no other optimiser may hold them.
 
     >>> opt = make_optimizer("dmrg", model, lr=0.05)                  # doctest: +SKIP
     >>> opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()  # doctest: +SKIP
@@ -48,8 +48,12 @@ class _LayerState:
 
 def _set_core(layer: TTLinear, j: int, value: np.ndarray) -> None:
     param = layer.cores[j]
-    param.data = torch.from_numpy(np.ascontiguousarray(value)).to(param.dtype)
-    param.grad = None
+    new = torch.from_numpy(np.ascontiguousarray(value)).to(param.dtype)
+    if tuple(new.shape) == tuple(param.shape):
+        param.data = new
+        param.grad = None
+    else:  # autograd keeps a leaf's shape in its gradient accumulator: a new shape needs a new leaf
+        layer.cores[j] = torch.nn.Parameter(new, requires_grad=param.requires_grad)
 
 
 def _ranks(layer: TTLinear) -> tuple[int, ...]:
