@@ -82,7 +82,8 @@ def accuracy_vs_dim(data: tuple, args: Any) -> list[dict]:
                          "best": max(e.val_accuracy for e in epochs)}}
         print(f"D={dim:<3} DMRG ({args.sweeps} sweeps, {total:6.1f} s): test acc "
               f"{' '.join(f'{a:.4f}' for a in row['dmrg']['test_accuracy'])} | torch Adam ({len(epochs)} epochs, "
-              f"{torch_s:6.1f} s): {row['torch']['test_accuracy'][-1]:.4f} (best {row['torch']['best']:.4f})", flush=True)
+              f"{torch_s:6.1f} s): {row['torch']['test_accuracy'][-1]:.4f} (best {row['torch']['best']:.4f})",
+              flush=True)
         rows.append(row)
     return rows
 
@@ -200,7 +201,8 @@ def plot_accuracy(rows: list[dict], path, title: str) -> None:
     fig, (ax,) = common.figure()
     dims = [r["bond_dim"] for r in rows]
     ax.plot(dims, [r["dmrg"]["test_accuracy"][-1] for r in rows], marker="o", label="DMRG sweeps (lotus_rt, StarPU)")
-    ax.plot(dims, [r["torch"]["test_accuracy"][-1] for r in rows], marker="s", label="gradient-trained MPS (torch Adam)")
+    ax.plot(dims, [r["torch"]["test_accuracy"][-1] for r in rows], marker="s",
+            label="gradient-trained MPS (torch Adam)")
     ax.axhline(TARGET_ACCURACY, color="black", linestyle="--", linewidth=0.8, label=f"target {TARGET_ACCURACY}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
@@ -252,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     best = max((r["dmrg"]["best"] for r in within), default=None)
     targets = [
         {"target": f"test accuracy >= {TARGET_ACCURACY} at bond dimension <= {TARGET_DIM}",
-         "measured": best, "status": "not measured" if best is None else ("met" if best >= TARGET_ACCURACY else "missed")},
+         "measured": best,
+         "status": "not measured" if best is None else ("met" if best >= TARGET_ACCURACY else "missed")},
     ]
     for v in ("realspace", "batch"):
         res = timing["variants"][v]
-        ok = res["speedup_vs_serial"]["median"] >= TARGET_SPEEDUP and abs(res["accuracy_gap_vs_serial"]) <= TARGET_ACC_GAP
+        ok = (res["speedup_vs_serial"]["median"] >= TARGET_SPEEDUP
+              and abs(res["accuracy_gap_vs_serial"]) <= TARGET_ACC_GAP)
         targets.append({"target": f"{v} sweep >= {TARGET_SPEEDUP}x the serial sweep, accuracy within "
                                   f"{TARGET_ACC_GAP * 100:.1f} points", "measured":
                         {"speedup": res["speedup_vs_serial"]["median"], "accuracy_gap": res["accuracy_gap_vs_serial"]},

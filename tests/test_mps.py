@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import lotus_rt
-from lotus_rt.kernels import mps as kernels
 from lotus_rt.mps import MPSClassifier, codelets, features, inference
 from lotus_rt.mps import state as state_mod
 from lotus_rt.mps.environments import Environments, TiledData, submit_initial, submit_left, submit_right, tile_ranges
@@ -123,7 +122,7 @@ def test_bond_gradient_and_gram_product_match_torch_autograd(rt, rng, place):
     n, dim, labels, ntiles = 13, 3, 4, 3
     left, right = rng.standard_normal((n, le, dim)), rng.standard_normal((n, lr, dim))
     phi1, phi2 = rng.random((n, D_LOCAL)), rng.random((n, D_LOCAL))
-    bond, vec = rng.standard_normal((dim, D_LOCAL, D_LOCAL, dim, lb)), rng.standard_normal((dim, D_LOCAL, D_LOCAL, dim, lb))
+    bond, vec = (rng.standard_normal((dim, D_LOCAL, D_LOCAL, dim, lb)) for _ in range(2))
     y = rng.integers(0, labels, n)
     tiles = tile_ranges(n, ntiles)
     grads = [np.zeros(bond.size + 2) for _ in tiles]
@@ -145,9 +144,9 @@ def test_bond_gradient_and_gram_product_match_torch_autograd(rt, rng, place):
         h.unregister()
     grad, hv = grads[0], hvs[0]
 
-    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in
-         dict(left=np.broadcast_to(left, (n, labels, dim)).copy(), right=np.broadcast_to(right, (n, labels, dim)).copy(),
-              phi1=phi1, phi2=phi2).items()}
+    wide = {"left": np.broadcast_to(left, (n, labels, dim)), "right": np.broadcast_to(right, (n, labels, dim)),
+            "phi1": phi1, "phi2": phi2}
+    t = {k: torch.tensor(np.array(v), dtype=torch.float64) for k, v in wide.items()}
     b = torch.tensor(bond, requires_grad=True)
     v = torch.tensor(vec, requires_grad=True)
 
@@ -209,7 +208,8 @@ def test_label_copy_keeps_the_model(rt, rng):
     serial bond tensor centre (x) site."""
     dim, labels = 4, 3
     c0, site = rng.standard_normal((dim, D_LOCAL, dim, labels)), rng.standard_normal((dim, D_LOCAL, dim))
-    c1, both, plain = np.zeros((dim, D_LOCAL, dim, labels)), np.zeros((dim, 2, 2, dim, labels)), np.zeros((dim, 2, 2, dim, labels))
+    c1 = np.zeros((dim, D_LOCAL, dim, labels))
+    both, plain = np.zeros((dim, 2, 2, dim, labels)), np.zeros((dim, 2, 2, dim, labels))
     hs = [rt.register(a) for a in (c0, site, c1, both, plain)]
     rt.submit(codelets.LABEL_COPY, (hs[1], "R"), (hs[2], "W"))
     rt.submit(codelets.MERGE, (hs[0], "R"), (hs[2], "R"), (hs[3], "W"), center="both")

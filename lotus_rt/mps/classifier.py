@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-import lotus_rt
 from lotus_rt.errors import CodeletError
 from lotus_rt.mps import features, inference
 from lotus_rt.mps import state as state_mod
@@ -33,7 +32,7 @@ from lotus_rt.mps.environments import Environments, TiledData, submit_initial
 from lotus_rt.mps.local import SOLVERS, Model, Solver
 from lotus_rt.mps.realspace import RealSpaceSweep
 from lotus_rt.mps.serial import SerialSweep
-from lotus_rt.runtime import Handle, Runtime
+from lotus_rt.runtime import Handle, Runtime, runtime as process_runtime
 
 SWEEPS = ("serial", "batch", "realspace")
 DTYPES = ("float32", "float64")
@@ -133,7 +132,7 @@ class MPSClassifier:
         return RealSpaceSweep(1 if self.ntiles is None else self.ntiles, boundary, self.warmup)
 
     def _rt(self) -> Runtime:
-        return self.runtime if self.runtime is not None else lotus_rt.runtime()
+        return self.runtime if self.runtime is not None else process_runtime()
 
     def _solver(self) -> Solver:
         return Solver(max_rank=self.bond_dim, kind=self.solver, iters=self.iters, reg=self.reg, lr=self.lr,

@@ -73,8 +73,8 @@ class _Progress:
 
 
 def run(args: argparse.Namespace) -> int:
-    import lotus_rt
     from lotus_rt.data import mnist
+    from lotus_rt.runtime import runtime
 
     try:
         clf = MPSClassifier(args.size * args.size, args.bond_dim, args.feature_map, sweeps=args.sweeps,
@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     x_train, y_train, x_test, y_test = mnist(size=args.size)
     x_train, y_train = x_train[:args.train], y_train[:args.train]
     x_test, y_test = x_test[:args.test], y_test[:args.test]
-    rt = lotus_rt.runtime()
-    print(f"lotus_rt {lotus_rt.__version__}: engine={rt.engine} policy={rt.policy} "
+    rt = runtime()
+    print(f"lotus_rt: engine={rt.engine} policy={rt.policy} "
           f"workers={', '.join(name for _, name in rt.workers)}")
     print(f"MPS classifier: {clf.n_sites} sites ({args.size}x{args.size} MNIST), bond dim {args.bond_dim}, "
           f"{args.sweep} sweeps; {len(x_train)} training / {len(x_test)} test images")

@@ -168,8 +168,8 @@ class DMRGOptimizer:
         return loss
 
     def _rt(self) -> Any:
-        import lotus_rt
-        return self._runtime if self._runtime is not None else lotus_rt.runtime()
+        from lotus_rt.runtime import runtime
+        return self._runtime if self._runtime is not None else runtime()
 
     def _update(self, s: _LayerState) -> None:
         layer, k = s.layer, s.bond

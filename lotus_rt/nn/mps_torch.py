@@ -43,7 +43,8 @@ class TorchMPS(nn.Module):
         eye = torch.eye(bond_dim, dtype=dtype)[:, None, :].expand(bond_dim, d, bond_dim) / d
         noise = torch.randn((n_sites, bond_dim, d, bond_dim), generator=gen, dtype=dtype) * init_std
         self.sites = nn.Parameter(eye + noise)
-        self.center = nn.Parameter(torch.randn((bond_dim, d, bond_dim, n_labels), generator=gen, dtype=dtype) * init_std)
+        center = torch.randn((bond_dim, d, bond_dim, n_labels), generator=gen, dtype=dtype)
+        self.center = nn.Parameter(center * init_std)
 
     def phi(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = pixels.detach().cpu().numpy() if isinstance(pixels, torch.Tensor) else np.asarray(pixels)
