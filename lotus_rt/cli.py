@@ -3,6 +3,7 @@
     lotus-rt demo [--epochs 2]                  # MNIST CNN: dense, then tensorized on StarPU
     lotus-rt gemm [--size 1536] [--tile 256]    # tiled GEMM DAG over every StarPU worker
     lotus-rt info                               # StarPU, workers, policy, perf models, settings
+    lotus-rt mps [--bond-dim 20] [--sweep realspace]   # MPS classifier trained by DMRG sweeps
     lotus-rt bench SCENARIO [--quick] ...       # = python -m benchmarks (needs a source checkout)
     lotus-rt trace [-o trace.json] -- python script.py [args]   # record any program's tasks
 
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="StarPU version, workers, policy, performance models and settings")
     # listed for --help only: main() hands everything after "bench" to the suite unparsed
     sub.add_parser("bench", help="benchmark suite (python -m benchmarks); --list shows scenarios", add_help=False)
+    from lotus_rt.mps import cli as mps_cli
+    mps_cli.add_arguments(sub.add_parser("mps", help="MPS classifier on 14x14 MNIST trained by DMRG sweeps"))
     p_trace = sub.add_parser("trace", help="record a program's tasks: lotus-rt trace -o t.json -- python x.py")
     p_trace.add_argument("-o", "--output", default="lotus_trace.json",
                          help="trace file: .json (Chrome trace) or .png (Gantt chart)")
@@ -187,6 +190,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return demo.run(args.epochs, args.batch, args.rank, out=args.out, seed=args.seed)
     if args.command == "gemm":
         return gemm_demo(args.size, args.tile, args.seed)
+    if args.command == "mps":
+        from lotus_rt.mps import cli as mps_cli
+        return mps_cli.run(args)
     if args.command == "trace":
         command = args.trace_command[1:] if args.trace_command[:1] == ["--"] else args.trace_command
         return trace(args.output, command)
