@@ -720,7 +720,7 @@ def masked_error(approx, exact, mask=None) -> float:
     return relative_error(np.asarray(approx)[m], np.asarray(exact)[m])
 
 
-def _em_fit(x: np.ndarray, mask: np.ndarray | None, step, n_iter_max: int, tol: float):
+def _em_fit(x: np.ndarray, mask: np.ndarray | None, step, n_iter_max: int, tol: float = 1e-4):
     """Fit ``step(filled, state) -> (state, reconstruction)`` to the masked entries of ``x``.
 
     Without a mask: one call. With one: EM imputation, the unmasked entries refilled with the
@@ -746,11 +746,51 @@ def _em_fit(x: np.ndarray, mask: np.ndarray | None, step, n_iter_max: int, tol: 
 
 
 def _leading_left_gram(matrix: np.ndarray, rank: int) -> np.ndarray:
-    """``_leading_left`` through the eigenvectors of ``M M^T`` when M is much wider than tall."""
-    if matrix.shape[1] < 4 * matrix.shape[0] or rank > matrix.shape[0]:
+    """``_leading_left`` through the eigenvectors of the smaller Gram matrix (M M^T or M^T M):
+    much faster on the long unfoldings of stacked kernels, accurate for the leading vectors."""
+    m, n = matrix.shape
+    if rank > min(m, n):
         return _leading_left(matrix, rank)
-    values, vectors = np.linalg.eigh(matrix @ matrix.T)
-    return _fix_signs(vectors[:, ::-1][:, :rank])
+    if m <= n:
+        vectors = np.linalg.eigh(matrix @ matrix.T)[1][:, ::-1][:, :rank]
+    else:
+        values, right = np.linalg.eigh(matrix.T @ matrix)
+        values, right = values[::-1][:rank], right[:, ::-1][:, :rank]
+        if values[-1] <= values[0] * 1e-20:  # (numerically) rank deficient: the SVD is safer
+            return _leading_left(matrix, rank)
+        vectors = (matrix @ right) / np.sqrt(values)
+    return _fix_signs(vectors)
+
+
+def _gram_spectrum(matrix: np.ndarray) -> np.ndarray:
+    """Squared singular values of a matrix, largest first (eigenvalues of its smaller Gram matrix)."""
+    m, n = matrix.shape
+    gram = matrix @ matrix.T if m <= n else matrix.T @ matrix
+    return np.maximum(np.linalg.eigvalsh(gram)[::-1], 0.0)
+
+
+def _energy_ranks(spectra: Sequence[np.ndarray], cost, budget: float, start: Sequence[int]) -> tuple[int, ...]:
+    """Ranks that leave the same fraction ``tau`` of each unfolding's energy out (the split of the
+    HOSVD / TT-SVD error bounds over the modes or cuts), ``tau`` the smallest whose parameter
+    count ``cost(ranks)`` is within ``budget`` (bisection); at least ``start``, at least 1."""
+    tails = []
+    for s in spectra:
+        total = max(float(s.sum()), np.finfo(float).tiny)
+        tails.append(np.concatenate([np.cumsum(s[::-1])[::-1], [0.0]]) / total)  # tails[m][r]: left out at rank r
+
+    def ranks(tau: float) -> list[int]:
+        return [max(int(lo), 1, int(np.argmax(t <= tau))) for t, lo in zip(tails, start)]
+
+    lo, hi = 0.0, 1.0
+    if cost(ranks(hi)) > budget:
+        return tuple(ranks(hi))
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if cost(ranks(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return tuple(ranks(hi))
 
 
 # --------------------------------------------------------------------------- N-way Tucker
@@ -768,13 +808,15 @@ def _scaled_ranks(shape: Sequence[int], scale: float, full_modes: Sequence[int])
 
 
 def tucker_ranks(shape: Sequence[int], rank: RankSpec, full_modes: Sequence[int] = (),
-                 dense_params: int | None = None) -> tuple[int, ...]:
+                 dense_params: int | None = None, tensor=None) -> tuple[int, ...]:
     """Per-mode Tucker ranks for a tensor of ``shape``.
 
     ``rank``: an int (every mode but ``full_modes``, each capped by its size); a float in (0, 1]:
-    the fraction of ``dense_params`` (default prod(shape)) that core + factors may use, every
-    mode but ``full_modes`` scaled by one ratio (the largest within the budget; at least 1); or a
-    sequence of one int per mode.
+    the fraction of ``dense_params`` (default prod(shape)) that core + factors may use: with
+    ``tensor`` given, allocated by energy (every mode leaves out the same fraction of its
+    unfolding's squared singular values, the smallest fraction within the budget: the HOSVD error
+    bound ``sum_m sum_{k > R_m} s_{m,k}^2`` split evenly), else every mode but ``full_modes`` scaled
+    by one ratio (the largest within the budget; at least 1); or a sequence of one int per mode.
     """
     shape = tuple(int(n) for n in shape)
     if not shape or min(shape) < 1:
@@ -784,6 +826,11 @@ def tucker_ranks(shape: Sequence[int], rank: RankSpec, full_modes: Sequence[int]
         return tuple(n if m in full_modes else min(r, n) for m, n in enumerate(shape))
     if _is_fraction_type(rank):
         budget = _check_fraction(rank, "tucker_ranks", _TUCKER_FORMS) * (dense_params or math.prod(shape))
+        if tensor is not None:
+            x, _ = _as_float64(tensor, len(shape), "tucker_ranks")
+            spectra = [_gram_spectrum(_unfold(x, m)) for m in range(x.ndim)]
+            start = [n if m in full_modes else 1 for m, n in enumerate(shape)]
+            return _energy_ranks(spectra, lambda r: _tucker_params(shape, r), budget, start)
         lo, hi = 0.0, 1.0
         for _ in range(60):  # the parameter count grows with the scale: bisect for the last within budget
             mid = (lo + hi) / 2
@@ -801,10 +848,11 @@ def tucker_ranks(shape: Sequence[int], rank: RankSpec, full_modes: Sequence[int]
 
 
 def _project(x: np.ndarray, factors: Sequence[np.ndarray], skip: int | None = None) -> np.ndarray:
-    """``x`` times the transposed factors on every mode but ``skip``."""
-    for m, f in enumerate(factors):
-        if m != skip:
-            x = _mode_dot(x, f.T, m)
+    """``x`` times the transposed factors on every mode but ``skip``, the most shrinking first."""
+    order = sorted((m for m in range(len(factors)) if m != skip),
+                   key=lambda m: factors[m].shape[1] / factors[m].shape[0])
+    for m in order:
+        x = _mode_dot(x, factors[m].T, m)
     return x
 
 
@@ -822,7 +870,8 @@ def reconstruct_tucker(core, factors: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def tucker(tensor, ranks: RankSpec, n_iter_max: int = 50, tol: float = 1e-8, mask=None,
-           full_modes: Sequence[int] = ()) -> tuple[np.ndarray, list[np.ndarray]]:
+           full_modes: Sequence[int] = (), em_iter_max: int = 30,
+           em_tol: float = 1e-4) -> tuple[np.ndarray, list[np.ndarray]]:
     """Tucker decomposition of an N-way tensor (HOSVD, then HOOI sweeps).
 
     Returns ``(core, factors)``: factors U_m (size_m, rank_m) with orthonormal columns and core
@@ -830,7 +879,7 @@ def tucker(tensor, ranks: RankSpec, n_iter_max: int = 50, tol: float = 1e-8, mas
     ``tucker_ranks`` accepts (``full_modes`` as there). HOOI stops when the fit ``||core|| / ||T||``
     improves by less than ``tol`` (relative) or after ``n_iter_max`` sweeps. With ``mask`` (bool,
     the tensor's shape) only the masked entries are fitted (EM imputation, one HOOI sweep per EM
-    step, at most ``n_iter_max`` steps).
+    step, at most ``em_iter_max`` steps, until the masked error improves by less than ``em_tol``).
     """
     x, dtype = _as_float64(tensor, None, "tucker")
     r = tucker_ranks(x.shape, ranks, full_modes)
@@ -858,7 +907,7 @@ def tucker(tensor, ranks: RankSpec, n_iter_max: int = 50, tol: float = 1e-8, mas
         core = _project(t, factors)
         return (core, factors), reconstruct_tucker(core, factors)
 
-    core, factors = _em_fit(x, mask, step, n_iter_max, tol)
+    core, factors = _em_fit(x, mask, step, min(n_iter_max, em_iter_max), em_tol)
     return core.astype(dtype), [f.astype(dtype) for f in factors]
 
 
@@ -880,12 +929,16 @@ def _tt_tensor_params(shape: Sequence[int], internal: Sequence[int]) -> int:
     return sum(r[k] * n * r[k + 1] for k, n in enumerate(shape))
 
 
-def tt_tensor_ranks(shape: Sequence[int], rank: RankSpec, dense_params: int | None = None) -> tuple[int, ...]:
+def tt_tensor_ranks(shape: Sequence[int], rank: RankSpec, dense_params: int | None = None,
+                    tensor=None) -> tuple[int, ...]:
     """The N-1 internal TT ranks of a tensor of ``shape`` (r_0 = r_N = 1 not included).
 
     ``rank``: an int (each capped by ``tt_max_ranks``), a float in (0, 1] (fraction of
-    ``dense_params``, default prod(shape): the largest uniform rank, capped likewise, within the
-    budget; at least 1), or a list of N-1 ints, each between 1 and its maximal rank.
+    ``dense_params``, default prod(shape): with ``tensor`` given, allocated by energy (every cut
+    leaves out the same fraction of its unfolding's squared singular values, the smallest within
+    the budget: the TT-SVD error bound split evenly, as in Oseledets' TT-SVD), else the largest
+    uniform rank, capped likewise, within the budget; at least 1), or a list of N-1 ints, each
+    between 1 and its maximal rank.
     """
     shape = tuple(int(n) for n in shape)
     if len(shape) < 2 or min(shape) < 1:
@@ -896,6 +949,10 @@ def tt_tensor_ranks(shape: Sequence[int], rank: RankSpec, dense_params: int | No
         return tuple(min(r, m) for m in max_ranks)
     if _is_fraction_type(rank):
         budget = _check_fraction(rank, "tt_tensor_ranks", _TT_TENSOR_FORMS) * (dense_params or math.prod(shape))
+        if tensor is not None:
+            x, _ = _as_float64(tensor, len(shape), "tt_tensor_ranks")
+            spectra = [_gram_spectrum(x.reshape(math.prod(shape[:k + 1]), -1)) for k in range(len(shape) - 1)]
+            return _energy_ranks(spectra, lambda r: _tt_tensor_params(shape, r), budget, [1] * len(max_ranks))
         lo, hi = 1, max(max_ranks)
         while lo < hi:
             mid = (lo + hi + 1) // 2
@@ -916,8 +973,8 @@ def _tt_svd(x: np.ndarray, internal: Sequence[int]) -> list[np.ndarray]:
     cores, rest, r_prev = [], x.reshape(1, -1), 1
     for k, n in enumerate(x.shape[:-1]):
         unfolding = rest.reshape(r_prev * n, -1)
-        if unfolding.shape[1] > 4 * unfolding.shape[0]:  # wide: left vectors from the Gram matrix
-            u = _leading_left_gram(unfolding, min(internal[k], unfolding.shape[0]))
+        if internal[k] < min(unfolding.shape):  # truncated: left vectors from the smaller Gram matrix
+            u = _leading_left_gram(unfolding, internal[k])
             r = u.shape[1]
             cores.append(u.reshape(r_prev, n, r))
             rest = u.T @ unfolding
@@ -945,7 +1002,7 @@ def reconstruct_tt(cores: Sequence[np.ndarray]) -> np.ndarray:
     return full.reshape([c.shape[1] for c in cs]).astype(dtype)
 
 
-def tt(tensor, ranks: RankSpec, mask=None, n_iter_max: int = 50, tol: float = 1e-6) -> list[np.ndarray]:
+def tt(tensor, ranks: RankSpec, mask=None, n_iter_max: int = 30, tol: float = 1e-4) -> list[np.ndarray]:
     """TT-SVD of an N-way tensor (N >= 2): cores (r_{k-1}, n_k, r_k), r_0 = r_N = 1.
 
     ``ranks``: any form ``tt_tensor_ranks`` accepts; a rank beyond what a cut's SVD can give is
@@ -996,7 +1053,7 @@ def cp_masked(tensor, rank: int, mask=None, n_iter_max: int = 500, tol: float = 
             weights, factors = _cp_als_from(t, state, ridge, sweeps=5)
         return (weights, factors), reconstruct_cp(factors, weights)
 
-    weights, factors = _em_fit(x, mask, step, 100, 1e-6)
+    weights, factors = _em_fit(x, mask, step, 30, 1e-4)
     return weights.astype(dtype), [f.astype(dtype) for f in factors]
 
 

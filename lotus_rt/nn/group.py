@@ -30,7 +30,9 @@ Each view runs like any tensorized layer: in torch eager (the reference), or, af
 ``lotus_rt.offload``, as a ``lotus_rt.layers.Program`` whose operands are the shared factors
 sliced for that layer, e.g. for Tucker pre ``"nchw,cr->nrhw"`` with ``U_I[:I_l]``, unfold, main
 ``"rijnpq,ksrab,k,os,ia,jb->nopq"`` with the core, ``U_L[l]``, ``U_O[:O_l]`` and the kernel
-windows of U_h, U_w: the planner contracts the small factors first. The slices are torch views
+windows of U_h, U_w: the planner contracts the small factors first. A layer with fewer input
+channels than R_I (AlexNet's first convolution) skips the pre-contraction, which would widen
+its input: U_I[:I_l] joins the main contraction instead (``"cijnpq,cr,ksrab,...->nopq"``). The slices are torch views
 of the shared parameters, so autograd accumulates every layer's gradient into them.
 """
 from __future__ import annotations
@@ -125,36 +127,49 @@ class SharedNetwork(nn.Module):
 
     # ------------------------------------------------------------------ per-layer operands
 
+    def uses_pre(self, index: int) -> bool:
+        """Whether layer ``index`` contracts its input with the input factor before the unfold
+        (Tucker and CP, when that lowers the channel count; otherwise the factor joins the main
+        contraction, where the planner folds it into the small factors)."""
+        return self.format != "tt" and self._in_rank() < self.slots[index].in_channels
+
+    def _in_rank(self) -> int:
+        return self.ranks[2] if self.format == "tucker" else self.ranks
+
     def operands(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Layer ``index``'s (pre, main) operands of its Program: views of the shared factors."""
         s = self.slots[index]
         wh, ww = s.window()
+        if self.format == "tt":
+            return ([], [self.layer[s.index], self.out[:, :s.out_channels], self.inp[:, :s.in_channels],
+                         self.height[:, wh], self.width[:, ww]])
+        inp = [self.inp[:s.in_channels]]
         if self.format == "tucker":
-            return ([self.inp[:s.in_channels]],
-                    [self.core, self.layer[s.index], self.out[:s.out_channels], self.height[wh], self.width[ww]])
-        if self.format == "cp":
-            return ([self.inp[:s.in_channels]],
-                    [self.layer[s.index], self.height[wh], self.width[ww], self.out[:s.out_channels]])
-        return ([], [self.layer[s.index], self.out[:, :s.out_channels], self.inp[:, :s.in_channels],
-                     self.height[:, wh], self.width[:, ww]])
+            main = [self.core, self.layer[s.index], self.out[:s.out_channels], self.height[wh], self.width[ww]]
+        else:
+            main = [self.layer[s.index], self.height[wh], self.width[ww], self.out[:s.out_channels]]
+        return (inp, main) if self.uses_pre(index) else ([], inp + main)
 
-    def program(self, geometry: ConvGeometry, bias: bool) -> Program:
-        """The Program of a layer of this network with ``geometry`` (see the module docstring)."""
-        if self.format == "tucker":
-            return Program("rijnpq,ksrab,k,os,ia,jb->nopq", 5, pre="nchw,cr->nrhw", n_pre=1, conv=geometry, bias=bias)
-        if self.format == "cp":
-            return Program("rijnpq,r,ir,jr,or->nopq", 4, pre="nchw,cr->nrhw", n_pre=1, conv=geometry, bias=bias)
-        return Program("cijnpq,x,xoy,ycz,ziw,wj->nopq", 5, conv=geometry, bias=bias)
+    def program(self, index: int, geometry: ConvGeometry, bias: bool) -> Program:
+        """The Program of layer ``index`` with ``geometry`` (see the module docstring)."""
+        if self.format == "tt":
+            return Program("cijnpq,x,xoy,ycz,ziw,wj->nopq", 5, conv=geometry, bias=bias)
+        main = "ksrab,k,os,ia,jb->nopq" if self.format == "tucker" else "r,ir,jr,or->nopq"
+        n_main = 5 if self.format == "tucker" else 4
+        if self.uses_pre(index):
+            return Program("rijnpq," + main, n_main, pre="nchw,cr->nrhw", n_pre=1, conv=geometry, bias=bias)
+        return Program("cijnpq,cr," + main, n_main + 1, conv=geometry, bias=bias)
 
     def kernel(self, index: int) -> torch.Tensor:
         """Layer ``index``'s dense kernel (O_l, I_l, kh_l, kw_l), differentiable (torch.einsum)."""
         pre, main = self.operands(index)
+        main = pre + main  # the input factor first
         if self.format == "tucker":
-            core, layer, out, height, width = main
-            return torch.einsum("ksrab,k,os,cr,ia,jb->ocij", core, layer, out, pre[0], height, width)
+            inp, core, layer, out, height, width = main
+            return torch.einsum("ksrab,k,os,cr,ia,jb->ocij", core, layer, out, inp, height, width)
         if self.format == "cp":
-            layer, height, width, out = main
-            return torch.einsum("r,ir,jr,or,cr->ocij", layer, height, width, out, pre[0])
+            inp, layer, height, width, out = main
+            return torch.einsum("r,ir,jr,or,cr->ocij", layer, height, width, out, inp)
         return torch.einsum("x,xoy,ycz,ziw,wj->ocij", *main)
 
     def stacked(self) -> torch.Tensor:
@@ -194,7 +209,7 @@ class _GroupLayer(nn.Module):
         self.bias = (nn.Parameter(torch.empty(slot.out_channels, dtype=dtype).uniform_(-1, 1) / math.sqrt(fan_in))
                      if bias else None)
         self.offloaded = False
-        self._program = shared.program(geometry, bias)
+        self._program = shared.program(index, geometry, bias)
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as a convolution of a 4-D input: task DAGs when offloaded, else torch eager."""
@@ -203,9 +218,9 @@ class _GroupLayer(nn.Module):
         if self.offloaded:
             return run_program(self._program, x, *pre, *main, *([self.bias] if self.bias is not None else []))
         conv = dict(stride=g.stride, padding=g.padding, dilation=g.dilation)
-        if shared.format == "tt":
+        if not pre:  # TT, or an input factor wider than the layer's input: one convolution
             y = torchF.conv2d(x, shared.kernel(self.index), **conv)
-        elif shared.format == "tucker":
+        elif shared.format == "tucker":  # 1x1 (U_I), kh x kw (the core at this layer), 1x1 (U_O)
             core, layer, out, height, width = main
             y = torchF.conv2d(x, pre[0].t()[:, :, None, None])
             y = torchF.conv2d(y, torch.einsum("ksrab,k,ia,jb->srij", core, layer, height, width), **conv)
@@ -314,7 +329,7 @@ def _kernel_of(name: str, module: nn.Module, views: Mapping[str, Sequence[int]])
 
 
 def _resolve(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    if isinstance(layers, str) or not layers:
+    if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
         raise ValueError(f"tensorize_group: layers must be a non-empty list of layer names, got {layers!r}")
     modules = dict(model.named_modules())
     unknown = [name for name in layers if name not in modules]
@@ -342,11 +357,12 @@ def _decompose(stacked: np.ndarray, mask: np.ndarray | None, format: str, rank, 
                stable: bool) -> tuple[object, dict[str, np.ndarray]]:
     """The format's ranks and factors (names as SharedNetwork's parameters) of the stacked tensor."""
     if format == "tucker":
-        ranks = decompose.tucker_ranks(stacked.shape, rank, full_modes=(0, 3, 4), dense_params=dense_params)
+        full = (0,) if isinstance(rank, float) else (0, 3, 4)  # a float: every rank but the layer's by energy
+        ranks = decompose.tucker_ranks(stacked.shape, rank, full_modes=full, dense_params=dense_params, tensor=stacked)
         core, factors = decompose.tucker(stacked, ranks, mask=mask)
         return ranks, {"core": core, **dict(zip(FACTOR_NAMES, factors))}
     if format == "tt":
-        ranks = decompose.tt_tensor_ranks(stacked.shape, rank, dense_params=dense_params)
+        ranks = decompose.tt_tensor_ranks(stacked.shape, rank, dense_params=dense_params, tensor=stacked)
         cores = decompose.tt(stacked, ranks, mask=mask)
         ranks = tuple(c.shape[2] for c in cores[:-1])  # a cut's SVD may give fewer
         cores[0], cores[-1] = cores[0][0], cores[-1][:, :, 0]
@@ -363,16 +379,21 @@ def _decompose(stacked: np.ndarray, mask: np.ndarray | None, format: str, rank, 
 
 def tensorize_group(model: nn.Module, layers: Sequence[str], format: str = "tucker", rank=0.1,
                     stable: bool = False, example_input: torch.Tensor | None = None,
-                    linear_views: Mapping[str, Sequence[int]] | None = None, verbose: bool = True) -> nn.Module:
+                    linear_views: Mapping[str, Sequence[int]] | None = None, normalize: bool = True,
+                    verbose: bool = True) -> nn.Module:
     """Replace the named layers by views of ONE low-rank network fitted to their stacked kernels.
 
     ``layers``: names (as ``model.named_modules()``) of dense nn.Conv2d / nn.Linear layers of one
     dtype. ``format``: "tucker", "tt" or "cp" (module docstring). ``rank``: Tucker: an int (the
-    channel ranks; layer and kernel modes kept full), a float in (0, 1] (fraction of the layers'
-    dense weight count for the whole network; channel ranks scaled), or 5 ints (R_L, R_O, R_I,
-    R_h, R_w); TT: an int, a float or the 4 internal ranks; CP: an int or a float. ``stable``
+    channel ranks; layer and kernel modes kept full), a float in (0, 1] (the fraction of the
+    layers' dense weight count the whole network may use, spread over the modes by the energy of
+    the unfoldings' singular values: ``decompose.tucker_ranks(..., tensor=)``; the layer mode
+    full), or 5 ints (R_L, R_O, R_I, R_h, R_w); TT: an int, a float (budget spread over the cuts
+    likewise) or the 4 internal ranks; CP: an int or a float. ``stable``
     (CP): apply the sensitivity correction of Phan et al. 2020 (``decompose.cp_correct``).
-    ``example_input`` / ``linear_views`` give the (C, h, w) view of Linear layers. Each layer
+    ``example_input`` / ``linear_views`` give the (C, h, w) view of Linear layers. ``normalize``:
+    fit the kernels scaled to unit norm (each layer weighs the same in the fit, not by its size;
+    the norms are folded back into the layer factor's rows). Each layer
     keeps its bias, stride, padding and dilation. Returns the model; ``model.lotus_groups`` lists
     a ``GroupReport`` per call.
     """
@@ -380,15 +401,19 @@ def tensorize_group(model: nn.Module, layers: Sequence[str], format: str = "tuck
         raise ValueError(f"tensorize_group: format={format!r} is not valid; valid values: {', '.join(FORMATS)}")
     if stable and format != "cp":
         raise ValueError("tensorize_group: stable=True is the stable CP correction; it needs format='cp'")
-    chosen = _resolve(model, list(layers))
+    chosen = _resolve(model, layers)
     views = dict(linear_views or {})
     if example_input is not None and any(isinstance(m, nn.Linear) for _, m in chosen):
         views = {**linear_views_from(model, example_input), **views}
     kernels = [_kernel_of(name, module, views) for name, module in chosen]
-    stacked, mask, offsets = decompose.stack_kernels(kernels)
+    # each kernel at unit norm, so that the fit weighs every layer alike, not by its size; the
+    # norms go back into the rows of the layer factor (exact: layer l's kernel is linear in row l)
+    norms = np.array([np.linalg.norm(k) if normalize and np.linalg.norm(k) > 0 else 1.0 for k in kernels])
+    stacked, mask, offsets = decompose.stack_kernels([k / n for k, n in zip(kernels, norms)])
     padded = not mask.all()
     dense_params = sum(k.size for k in kernels)
     ranks, factors = _decompose(stacked, mask if padded else None, format, rank, dense_params, stable)
+    factors["layer"] = factors["layer"] * norms[:, None]
     slots = [Slot(l, k.shape[0], k.shape[1], (k.shape[2], k.shape[3]), offsets[l][2:]) for l, k in enumerate(kernels)]
     dtype = chosen[0][1].weight.dtype
     shared = SharedNetwork(format, stacked.shape, ranks, slots, dtype=dtype)
