@@ -720,7 +720,7 @@ def masked_error(approx, exact, mask=None) -> float:
     return relative_error(np.asarray(approx)[m], np.asarray(exact)[m])
 
 
-def _em_fit(x: np.ndarray, mask: np.ndarray | None, step, n_iter_max: int, tol: float = 1e-4):
+def _em_fit(x: np.ndarray, mask: np.ndarray | None, step, n_iter_max: int, tol: float = 1e-3):
     """Fit ``step(filled, state) -> (state, reconstruction)`` to the masked entries of ``x``.
 
     Without a mask: one call. With one: EM imputation, the unmasked entries refilled with the
@@ -870,8 +870,8 @@ def reconstruct_tucker(core, factors: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def tucker(tensor, ranks: RankSpec, n_iter_max: int = 50, tol: float = 1e-8, mask=None,
-           full_modes: Sequence[int] = (), em_iter_max: int = 30,
-           em_tol: float = 1e-4) -> tuple[np.ndarray, list[np.ndarray]]:
+           full_modes: Sequence[int] = (), em_iter_max: int = 15,
+           em_tol: float = 1e-3) -> tuple[np.ndarray, list[np.ndarray]]:
     """Tucker decomposition of an N-way tensor (HOSVD, then HOOI sweeps).
 
     Returns ``(core, factors)``: factors U_m (size_m, rank_m) with orthonormal columns and core
@@ -1002,7 +1002,7 @@ def reconstruct_tt(cores: Sequence[np.ndarray]) -> np.ndarray:
     return full.reshape([c.shape[1] for c in cs]).astype(dtype)
 
 
-def tt(tensor, ranks: RankSpec, mask=None, n_iter_max: int = 30, tol: float = 1e-4) -> list[np.ndarray]:
+def tt(tensor, ranks: RankSpec, mask=None, n_iter_max: int = 15, tol: float = 1e-3) -> list[np.ndarray]:
     """TT-SVD of an N-way tensor (N >= 2): cores (r_{k-1}, n_k, r_k), r_0 = r_N = 1.
 
     ``ranks``: any form ``tt_tensor_ranks`` accepts; a rank beyond what a cut's SVD can give is
@@ -1053,7 +1053,7 @@ def cp_masked(tensor, rank: int, mask=None, n_iter_max: int = 500, tol: float = 
             weights, factors = _cp_als_from(t, state, ridge, sweeps=5)
         return (weights, factors), reconstruct_cp(factors, weights)
 
-    weights, factors = _em_fit(x, mask, step, 30, 1e-4)
+    weights, factors = _em_fit(x, mask, step, 15, 1e-3)
     return weights.astype(dtype), [f.astype(dtype) for f in factors]
 
 
