@@ -209,12 +209,12 @@ def _add_train_arguments(p: argparse.ArgumentParser, p_cp: argparse.ArgumentPars
     p.add_argument("--out", default="train_out")
     p.add_argument("--seed", type=int, default=0)
     p = p_cp
-    p.add_argument("--layer", default="3")
-    p.add_argument("--rank", type=int, default=48)
-    p.add_argument("--epochs", type=int, default=2, help="dense training epochs")
+    p.add_argument("--layer", default="6")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS), default="sgd")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, action="append", default=None, help="repeat for several (default 0.01 0.02 0.035)")
     p.add_argument("--out", default="train_out")
     p.add_argument("--seed", type=int, default=0)
 
@@ -224,8 +224,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lotus_rt import train
         try:
             if args.command == "cp-stability":
-                train.compare_cp(args.layer, args.rank, args.epochs, args.finetune_epochs, args.optimizer, args.lr,
-                                 out=args.out, seed=args.seed)
+                train.compare_cp(args.layer, args.rank, args.epochs, args.finetune_epochs, args.optimizer,
+                                 args.lr or (0.01, 0.02, 0.035), out=args.out, seed=args.seed)
                 return 0
             train.run(args.model, args.data, args.tensorize, args.rank, args.format, args.epochs, args.finetune_epochs,
                       args.optimizer, args.lr, args.batch, args.train_size, args.test_size, args.data_dir, args.out,

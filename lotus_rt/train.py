@@ -26,8 +26,8 @@ a new one (e.g. a DMRG sweep for TT layers) is one entry there.
 """
 from __future__ import annotations
 
+import copy
 import json
-import math
 import pathlib
 import sys
 import time
@@ -366,13 +366,17 @@ def _plot_accuracy_vs_params(report: dict, out_dir: pathlib.Path, path: pathlib.
 # ---------------------------------------------------------------------- stable vs plain CP
 
 
-def compare_cp(layer: str = "3", rank: int = 48, epochs: int = 2, finetune_epochs: int = 1, optimizer: str = "sgd",
-               lr: float | None = None, batch: int = 64, out: str = "train_out", seed: int = 0,
+def compare_cp(layer: str = "6", rank: int = 32, epochs: int = 3, finetune_epochs: int = 1, optimizer: str = "sgd",
+               lrs: Sequence[float] = (0.01, 0.02, 0.035), batch: int = 64, out: str = "train_out", seed: int = 0,
                offloaded: bool = True) -> dict:
     """Fine-tune AlexNet (MNIST) with convolution ``layer`` replaced by a rank-``rank`` CPConv2d,
-    once from plain CP-ALS (no ridge) and once from the stable CP (Phan et al. 2020, same ALS
-    start): step losses of both in ``<out>/cp_stability.png`` and ``.json``."""
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    from plain CP-ALS (no ridge) and from the stable CP (Phan et al. 2020: the same ALS result,
+    corrected to the least sensitive CP at its error), once per learning rate of ``lrs``: every
+    step's loss of both in ``<out>/cp_stability.png`` (one panel per learning rate) and ``.json``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"cp-stability: optimizer={optimizer!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
+    if not lrs or min(lrs) <= 0:
+        raise ValueError(f"cp-stability: learning rates must be positive, got {list(lrs)}")
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_data("mnist", seed=seed)
     net = build_model("alexnet", x_train.shape[1:])
@@ -380,53 +384,68 @@ def compare_cp(layer: str = "3", rank: int = 48, epochs: int = 2, finetune_epoch
     if layer not in modules or type(modules[layer]) is not nn.Conv2d:
         raise ValueError(f"cp-stability: {layer!r} is not a Conv2d of the model; its convolutions: "
                          f"{_named(net, (nn.Conv2d,))}")
+    lotus_rt.runtime()  # one BLAS thread per call from here on, as in every offloaded run
     fit(net, x_train, y_train, x_test, y_test, epochs, batch, "adam", DEFAULT_LR["adam"], "dense", seed)
     dense_acc = accuracy(net, x_test, y_test)
     conv = modules[layer]
     weight = conv.weight.detach().double().numpy()
-    runs = {}
+    layers, decompositions = {}, {}
     for name, stable in (("plain CP-ALS", False), ("stable CP (Phan et al. 2020)", True)):
-        twin = build_model("alexnet", x_train.shape[1:])
-        twin.load_state_dict(net.state_dict())
-        cp_layer = CPConv2d.from_conv(conv, rank, stable=stable, ridge=0.0)
-        factors = [p.detach().double().numpy() for p in
-                   (cp_layer.factor_out, cp_layer.factor_in, cp_layer.factor_h, cp_layer.factor_w)]
-        setattr(twin, layer, cp_layer)
-        if offloaded:
-            offload(twin)
-        losses: list[float] = []
-        before = accuracy(twin, x_test, y_test)
-        history = fit(twin, x_train, y_train, x_test, y_test, finetune_epochs, batch, optimizer, lr, name, seed + 1,
-                      step_losses=losses)
-        runs[name] = {"sensitivity": decompose.cp_sensitivity(factors),
-                      "weight_error": decompose.relative_error(decompose.reconstruct_cp(factors), weight),
-                      "max_component_norm": float(max(np.prod([np.linalg.norm(f, axis=0) for f in factors], axis=0))),
-                      "accuracy_before": before, "accuracy_after": history[-1].accuracy if history else before,
-                      "step_losses": losses, "diverged": not all(math.isfinite(v) for v in losses)}
-        print(f"{name}: sensitivity {runs[name]['sensitivity']:.4g}, weight error {runs[name]['weight_error']:.4f}, "
-              f"accuracy {before:.4f} -> {runs[name]['accuracy_after']:.4f}", flush=True)
+        start = time.perf_counter()
+        layers[name] = CPConv2d.from_conv(conv, rank, stable=stable, ridge=0.0)
+        factors = [p.detach().double().numpy() for p in (layers[name].factor_out, layers[name].factor_in,
+                                                         layers[name].factor_h, layers[name].factor_w)]
+        decompositions[name] = {
+            "sensitivity": decompose.cp_sensitivity(factors),
+            "weight_error": decompose.relative_error(decompose.reconstruct_cp(factors), weight),
+            "max_component_norm": float(max(np.prod([np.linalg.norm(f, axis=0) for f in factors], axis=0))),
+            "seconds": time.perf_counter() - start}
+        print(f"{name}: sensitivity {decompositions[name]['sensitivity']:.4g}, weight error "
+              f"{decompositions[name]['weight_error']:.4f}, largest component norm "
+              f"{decompositions[name]['max_component_norm']:.3g} (||W|| = {np.linalg.norm(weight):.3g})", flush=True)
+    runs: dict = {}
+    for lr in lrs:
+        runs[str(lr)] = {}
+        for name, cp_layer in layers.items():
+            twin = build_model("alexnet", x_train.shape[1:])
+            twin.load_state_dict(net.state_dict())
+            setattr(twin, layer, copy.deepcopy(cp_layer))
+            if offloaded:
+                offload(twin)
+            losses: list[float] = []
+            before = accuracy(twin, x_test, y_test)
+            history = fit(twin, x_train, y_train, x_test, y_test, finetune_epochs, batch, optimizer, lr,
+                          f"{name} lr {lr}", seed + 1, step_losses=losses)
+            runs[str(lr)][name] = {"accuracy_before": before, "accuracy_after": history[-1].accuracy if history else before,
+                                   "max_step_loss": max(losses, default=float("nan")), "step_losses": losses}
     report = {"config": {"layer": layer, "shape": list(weight.shape), "rank": rank, "epochs": epochs,
-                         "finetune_epochs": finetune_epochs, "optimizer": optimizer, "lr": lr, "batch": batch,
+                         "finetune_epochs": finetune_epochs, "optimizer": optimizer, "lrs": list(lrs), "batch": batch,
                          "seed": seed, "offloaded": offloaded},
-              "dense_accuracy": dense_acc, "runs": runs}
+              "dense_accuracy": dense_acc, "decompositions": decompositions, "runs": runs}
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "cp_stability.json").write_text(json.dumps(report, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in runs.items():
-        ax.plot(r["step_losses"], label=f"{name}: sensitivity {r['sensitivity']:.3g}, acc {r['accuracy_after']:.3f}",
-                lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"AlexNet layer {layer} {tuple(weight.shape)} as CP rank {rank}, {optimizer} lr {lr}")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(lrs), figsize=(5 * len(lrs), 4), squeeze=False)
+    for ax, lr in zip(axes[0], lrs):
+        for name, r in runs[str(lr)].items():
+            ax.plot(r["step_losses"], lw=0.8, label=f"{name}: ss {decompositions[name]['sensitivity']:.3g}, "
+                                                     f"test acc {r['accuracy_after']:.3f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_title(f"{optimizer} lr {lr}")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss")
+    fig.suptitle(f"AlexNet layer {layer} {tuple(weight.shape)} as CP rank {rank}: plain CP-ALS vs stable CP")
     fig.tight_layout()
     fig.savefig(out_dir / "cp_stability.png", dpi=110)
     plt.close(fig)
+    print(f"\n{'lr':>6} {'decomposition':<30} {'acc before':>10} {'acc after':>10} {'max loss':>9}")
+    for lr, by_name in runs.items():
+        for name, r in by_name.items():
+            print(f"{lr:>6} {name:<30} {r['accuracy_before']:>10.4f} {r['accuracy_after']:>10.4f} {r['max_step_loss']:>9.3f}")
     print(f"wrote {out_dir / 'cp_stability.json'} and {out_dir / 'cp_stability.png'}")
     return report
 
