@@ -206,6 +206,8 @@ def _add_train_arguments(p: argparse.ArgumentParser, p_cp: argparse.ArgumentPars
     p.add_argument("--train-size", type=int, default=None, help="first N training images of a seeded shuffle")
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--no-offload", action="store_true", help="fine-tune the tensorized model in torch eager")
+    p.add_argument("--no-dense-baseline", action="store_true",
+                   help="skip training a dense copy for the fine-tuning epochs too")
     p.add_argument("--out", default="train_out")
     p.add_argument("--seed", type=int, default=0)
     p = p_cp
@@ -229,7 +231,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 return 0
             train.run(args.model, args.data, args.tensorize, args.rank, args.format, args.epochs, args.finetune_epochs,
                       args.optimizer, args.lr, args.batch, args.train_size, args.test_size, args.data_dir, args.out,
-                      args.seed, offloaded=not args.no_offload)
+                      args.seed, offloaded=not args.no_offload, continue_dense=not args.no_dense_baseline)
         except (ValueError, FileNotFoundError) as exc:
             print(f"lotus-rt {args.command}: {exc}", file=sys.stderr)
             return 2

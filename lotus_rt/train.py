@@ -14,7 +14,8 @@
    convolutions of each stage as one network, the other 3x3 convolutions per layer) or ``model``
    (every convolution and fully connected layer of the model as ONE network, zero padded to a
    common shape with a mask). ``lotus_rt.offload`` then runs every Conv2d/Linear-like layer as
-   task DAGs, and the model is fine-tuned for ``--finetune-epochs``.
+   task DAGs, and the model is fine-tuned for ``--finetune-epochs``. A copy of the dense model
+   trained as many more epochs is the baseline with the same number of epochs in all.
 4. Write ``<out>/<model>_<data>_<tensorize>.json`` (configuration, per-epoch loss, accuracy and
    seconds, parameter counts, group reports) and a PNG of test accuracy against parameters (this
    run's points, and in grey the other runs of the same model and data found in ``<out>``).
@@ -258,8 +259,12 @@ def params(model: nn.Module) -> int:
 def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ranks: Sequence[object] | None = None,
         format: str = "tucker", epochs: int = 3, finetune_epochs: int | None = None, optimizer: str = "adam",
         lr: float | None = None, batch: int = 64, train_size: int | None = None, test_size: int | None = None,
-        data_dir: str | None = None, out: str = "train_out", seed: int = 0, offloaded: bool = True) -> dict:
-    """One run (see the module docstring); returns what it writes to the JSON file."""
+        data_dir: str | None = None, out: str = "train_out", seed: int = 0, offloaded: bool = True,
+        continue_dense: bool = True) -> dict:
+    """One run (see the module docstring); returns what it writes to the JSON file.
+
+    ``continue_dense``: also train a copy of the dense model for the fine-tuning epochs, the
+    baseline with as many epochs in all as the tensorized model (a third phase)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
     if epochs < 0 or (finetune_epochs is not None and finetune_epochs < 0) or batch < 1:
@@ -278,6 +283,15 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
     dense.epochs = fit(net, x_train, y_train, x_test, y_test, epochs, batch, optimizer, lr, "dense", seed)
     dense.accuracy = dense.epochs[-1].accuracy if dense.epochs else accuracy(net, x_test, y_test)
     phases, result = [dense], {}
+    more = epochs if finetune_epochs is None else finetune_epochs
+    if steps and continue_dense and more:
+        # the fair dense baseline: the same model trained as many epochs in all as the tensorized one
+        twin = copy.deepcopy(net)
+        longer = Phase(f"dense (torch), {epochs + more} epochs", params(twin), 0.0)
+        longer.epochs = fit(twin, x_train, y_train, x_test, y_test, more, batch, optimizer, lr,
+                            f"dense, {more} more", seed + 1)
+        longer.accuracy = longer.epochs[-1].accuracy
+        del twin
     if steps:
         start = time.perf_counter()
         apply_plan(net, steps, x_train[:2])
@@ -290,10 +304,11 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
               f"fine-tuning {tens.accuracy:.4f}; decomposed in {decompose_s:.1f} s; offloaded layers: "
               f"{', '.join(offloaded_layers(net)) or 'none'}", flush=True)
         result = {"accuracy_before_finetuning": tens.accuracy, "decompose_seconds": decompose_s}
-        tens.epochs = fit(net, x_train, y_train, x_test, y_test, epochs if finetune_epochs is None else finetune_epochs,
-                          batch, optimizer, lr, label, seed + 1)
+        tens.epochs = fit(net, x_train, y_train, x_test, y_test, more, batch, optimizer, lr, label, seed + 1)
         tens.accuracy = tens.epochs[-1].accuracy if tens.epochs else tens.accuracy
         phases.append(tens)
+        if continue_dense and more:
+            phases.append(longer)
     report = {
         "config": {"model": model, "data": data_name, "tensorize": mode, "format": format,
                    "ranks": [list(r) if isinstance(r, tuple) else r for r in (ranks or [])] or None,
@@ -307,10 +322,12 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
         "layers": [asdict(r) for r in getattr(net, "lotus_report", [])],
         **result,
     }
-    if len(phases) == 2:
+    if len(phases) >= 2:
         report["compression"] = dense.params / phases[1].params
         report["accuracy_change_points"] = 100 * (phases[1].accuracy - dense.accuracy)
         report["epoch_time_ratio"] = phases[1].epoch_seconds / dense.epoch_seconds
+    if len(phases) == 3:
+        report["accuracy_change_points_same_epochs"] = 100 * (phases[1].accuracy - phases[2].accuracy)
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{model}_{data_name}_{mode}"
@@ -345,10 +362,10 @@ def _plot_accuracy_vs_params(report: dict, out_dir: pathlib.Path, path: pathlib.
             phases = json.loads(other.read_text())["phases"]
         except (ValueError, KeyError):
             continue
-        for p in phases[1:]:
+        for p in phases[1:2]:
             ax.scatter(p["params"], p["accuracy"], color="0.7", zorder=1)
             ax.annotate(other.stem.rsplit("_", 1)[-1], (p["params"], p["accuracy"]), fontsize=7, color="0.5")
-    for p, color in zip(report["phases"], ("C0", "C3")):
+    for p, color in zip(report["phases"], ("C0", "C3", "C2")):
         ax.scatter(p["params"], p["accuracy"], color=color, zorder=2, label=f"{p['name']}: {p['accuracy']:.3f}")
         accs = [e["accuracy"] for e in p["epochs"]]
         if accs:  # the epochs of the phase, as a short vertical trace

@@ -271,6 +271,8 @@ def test_tensorize_group_compresses_offloads_and_trains(fmt):
     lotus_rt.offload(model)
     assert lotus_rt.nn.offloaded_layers(model) == ["0", "2", "4", "7", "9"]
     assert torch.allclose(model(x), twin(x), rtol=1e-10, atol=1e-12)
+    if fmt != "tucker":  # one short training run is enough: the formats' gradients are checked above
+        return
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(25):
