@@ -15,7 +15,9 @@
    (every convolution and fully connected layer of the model as ONE network, zero padded to a
    common shape with a mask). ``lotus_rt.offload`` then runs every Conv2d/Linear-like layer as
    task DAGs, and the model is fine-tuned for ``--finetune-epochs``. A copy of the dense model
-   trained as many more epochs is the baseline with the same number of epochs in all.
+   trained as many more epochs is the baseline with the same number of epochs in all; its epochs
+   alternate with the tensorized ones, and the median of the per-pair epoch time ratios is the
+   side-by-side speed figure (``epoch_time_ratio_side_by_side``).
 4. Write ``<out>/<model>_<data>_<tensorize>.json`` (configuration, per-epoch loss, accuracy and
    seconds, parameter counts, group reports) and a PNG of test accuracy against parameters (this
    run's points, and in grey the other runs of the same model and data found in ``<out>``).
@@ -213,40 +215,56 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return correct / len(x)
 
 
-def fit(model: nn.Module, x, y, x_test, y_test, epochs: int, batch: int, optimizer: str, lr: float,
-        label: str, seed: int = 0, step_losses: list[float] | None = None) -> list[Epoch]:
-    """Train ``epochs`` epochs; per epoch the mean loss, the test accuracy and the seconds of the
-    training pass (evaluation excluded). ``step_losses`` (if given) receives every step's loss."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
-    generator = torch.Generator().manual_seed(seed)
-    opt = OPTIMIZERS[optimizer](model, lr)
-    loss_fn = nn.CrossEntropyLoss()
-    history = []
-    for epoch in range(epochs):
+class Trainer:
+    """A model with its optimizer and its seeded batch order, trained one epoch per ``epoch()``
+    call (so that two models can take turns, epoch by epoch, for timings side by side)."""
+
+    def __init__(self, model: nn.Module, x, y, x_test, y_test, epochs: int, batch: int, optimizer: str, lr: float,
+                 label: str, seed: int = 0, step_losses: list[float] | None = None):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
+        self.model, self.data, self.epochs, self.batch, self.label = model, (x, y, x_test, y_test), epochs, batch, label
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = OPTIMIZERS[optimizer](model, lr)
+        self.step_losses, self.history = step_losses, []
+
+    def epoch(self) -> Epoch:
+        """One pass over the training set; the mean loss, the test accuracy and the seconds of the
+        training pass (evaluation excluded)."""
+        x, y, x_test, y_test = self.data
+        model, loss_fn = self.model, nn.CrossEntropyLoss()
         model.train()
-        order = torch.randperm(len(x), generator=generator)
-        desc = f"{label} epoch {epoch + 1}/{epochs}"
-        batches, bar = _batches(range(0, len(x), batch), desc)
+        order = torch.randperm(len(x), generator=self.generator)
+        desc = f"{self.label} epoch {len(self.history) + 1}/{self.epochs}"
+        batches, bar = _batches(range(0, len(x), self.batch), desc)
         total, count = 0.0, 0
         start = time.perf_counter()
         for i in batches:
-            idx = order[i:i + batch]
-            opt.zero_grad()
+            idx = order[i:i + self.batch]
+            self.optimizer.zero_grad()
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
-            opt.step()
+            self.optimizer.step()
             value = loss.item()
             total, count = total + value, count + 1
-            if step_losses is not None:
-                step_losses.append(value)
+            if self.step_losses is not None:
+                self.step_losses.append(value)
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
         seconds = time.perf_counter() - start
-        history.append(Epoch(total / max(count, 1), accuracy(model, x_test, y_test), seconds))
-        print(f"{desc}: loss {history[-1].loss:.4f}, test accuracy {history[-1].accuracy:.4f}, "
+        self.history.append(Epoch(total / max(count, 1), accuracy(model, x_test, y_test), seconds))
+        print(f"{desc}: loss {self.history[-1].loss:.4f}, test accuracy {self.history[-1].accuracy:.4f}, "
               f"{seconds:.2f} s", flush=True)
-    return history
+        return self.history[-1]
+
+
+def fit(model: nn.Module, x, y, x_test, y_test, epochs: int, batch: int, optimizer: str, lr: float,
+        label: str, seed: int = 0, step_losses: list[float] | None = None) -> list[Epoch]:
+    """Train ``epochs`` epochs (``Trainer``); ``step_losses`` (if given) receives every step's loss."""
+    trainer = Trainer(model, x, y, x_test, y_test, epochs, batch, optimizer, lr, label, seed, step_losses)
+    for _ in range(epochs):
+        trainer.epoch()
+    return trainer.history
 
 
 def params(model: nn.Module) -> int:
@@ -264,7 +282,8 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
     """One run (see the module docstring); returns what it writes to the JSON file.
 
     ``continue_dense``: also train a copy of the dense model for the fine-tuning epochs, the
-    baseline with as many epochs in all as the tensorized model (a third phase)."""
+    baseline with as many epochs in all as the tensorized model (a third phase, its epochs
+    alternating with the tensorized model's)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
     if epochs < 0 or (finetune_epochs is not None and finetune_epochs < 0) or batch < 1:
@@ -284,14 +303,12 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
     dense.accuracy = dense.epochs[-1].accuracy if dense.epochs else accuracy(net, x_test, y_test)
     phases, result = [dense], {}
     more = epochs if finetune_epochs is None else finetune_epochs
+    baseline = None
     if steps and continue_dense and more:
-        # the fair dense baseline: the same model trained as many epochs in all as the tensorized one
-        twin = copy.deepcopy(net)
-        longer = Phase(f"dense (torch), {epochs + more} epochs", params(twin), 0.0)
-        longer.epochs = fit(twin, x_train, y_train, x_test, y_test, more, batch, optimizer, lr,
-                            f"dense, {more} more", seed + 1)
-        longer.accuracy = longer.epochs[-1].accuracy
-        del twin
+        # the fair dense baseline: the same model trained as many epochs in all as the tensorized
+        # one; its epochs alternate with the tensorized model's, so that each pair is timed side by side
+        baseline = Trainer(copy.deepcopy(net), x_train, y_train, x_test, y_test, more, batch, optimizer, lr,
+                           f"dense, {more} more", seed + 1)
     if steps:
         start = time.perf_counter()
         apply_plan(net, steps, x_train[:2])
@@ -304,11 +321,19 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
               f"fine-tuning {tens.accuracy:.4f}; decomposed in {decompose_s:.1f} s; offloaded layers: "
               f"{', '.join(offloaded_layers(net)) or 'none'}", flush=True)
         result = {"accuracy_before_finetuning": tens.accuracy, "decompose_seconds": decompose_s}
-        tens.epochs = fit(net, x_train, y_train, x_test, y_test, more, batch, optimizer, lr, label, seed + 1)
+        trainer = Trainer(net, x_train, y_train, x_test, y_test, more, batch, optimizer, lr, label, seed + 1)
+        for _ in range(more):
+            trainer.epoch()
+            if baseline is not None:
+                baseline.epoch()
+        tens.epochs = trainer.history
         tens.accuracy = tens.epochs[-1].accuracy if tens.epochs else tens.accuracy
         phases.append(tens)
-        if continue_dense and more:
-            phases.append(longer)
+        if baseline is not None:
+            phases.append(Phase(f"dense (torch), {epochs + more} epochs", params(baseline.model),
+                                baseline.history[-1].accuracy, baseline.history))
+            result["epoch_time_ratio_side_by_side"] = float(np.median(
+                [t.seconds / d.seconds for t, d in zip(tens.epochs, baseline.history)]))
     report = {
         "config": {"model": model, "data": data_name, "tensorize": mode, "format": format,
                    "ranks": [list(r) if isinstance(r, tuple) else r for r in (ranks or [])] or None,
@@ -468,4 +493,4 @@ def compare_cp(layer: str = "6", rank: int = 32, epochs: int = 3, finetune_epoch
 
 
 __all__ = ["run", "compare_cp", "plan", "apply_plan", "load_data", "build_model", "fit", "accuracy",
-           "parse_rank", "OPTIMIZERS", "MODELS", "DATASETS", "MODES", "DEFAULT_RANKS", "Step"]
+           "parse_rank", "Trainer", "OPTIMIZERS", "MODELS", "DATASETS", "MODES", "DEFAULT_RANKS", "Step"]
