@@ -71,7 +71,8 @@ def test_lotus_rt_train_whole_resnet20_as_one_network_on_synthetic_cifar10(tmp_p
     assert "dense epoch 1/1: loss" in proc.stdout and "model-tensorized + offloaded epoch 1/1" in proc.stdout
     report = json.loads((out / "resnet20_cifar10_model.json").read_text())
     assert report["config"]["train_images"] == 40 and report["config"]["optimizer"] == "sgd"
-    assert len(report["phases"]) == 2 and all(len(p["epochs"]) == 1 for p in report["phases"])
+    assert [p["name"] for p in report["phases"]] == ["dense (torch)", "model-tensorized + offloaded", "dense (torch), 2 epochs"]
+    assert all(len(p["epochs"]) == 1 for p in report["phases"]) and report["epoch_time_ratio_side_by_side"] > 0
     assert len(report["groups"]) == 1 and len(report["groups"][0]["layers"]) == 22  # 21 convolutions + fc
     assert report["compression"] > 3
     assert (out / "resnet20_cifar10_model.png").stat().st_size > 1000
