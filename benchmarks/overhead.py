@@ -3,8 +3,10 @@
 Runs every variant side by side in one process, repeats each (warm-up, then the median of
 ``--repeats`` runs):
 
-- independent: N empty tasks with no data, submitted then waited for (µs per task);
-- chain: N empty-bodied tasks all accessing one handle in RW (µs per task);
+- independent: N empty tasks with no data, submitted then waited for (µs per task), each submitted
+  from Python (``submit``) and the same N replayed from a step plan (``runtime.record()``, then
+  ``plan.run()``: one C call submits them all), in alternating rounds;
+- chain: N empty-bodied tasks all accessing one handle in RW (µs per task), submitted and replayed;
 - wait latency: how long ``wait()`` takes to return after the last task of a burst ended
   (16 ~1 ms GEMM tasks on every worker; the end comes from ``trace()``, the same clock), in ms;
 - gemm: a tiled GEMM DAG (``common.gemm_workload``: registering, running and unregistering
@@ -56,6 +58,48 @@ def chain_tasks(rt, n: int) -> float:
     return elapsed / n * 1e6
 
 
+class Replayed:
+    """The same empty tasks recorded once into a step plan; ``run()`` times one replay (µs/task)."""
+
+    def __init__(self, rt, n: int, chain: bool):
+        self.rt, self.n = rt, n
+        self.handle = rt.register(np.ones(8)) if chain else None
+        body = rt.codelet("bench_touch" if chain else "bench_noop", cpu=(lambda x: None) if chain else (lambda: None))
+        with rt.record() as self.plan:
+            for _ in range(n):
+                rt.submit(body, *([(self.handle, "RW")] if chain else []))
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.plan.run()
+        self.rt.wait()
+        return (time.perf_counter() - start) / self.n * 1e6
+
+    def close(self) -> None:
+        self.plan.release()
+        if self.handle is not None:
+            self.handle.unregister()
+
+
+def submitted_and_replayed(rt, n: int, repeats: int) -> dict[str, list[float]]:
+    """µs per task of each variant, in alternating rounds (a slow phase hits all of them)."""
+    replays = {"independent": Replayed(rt, n, chain=False), "chain": Replayed(rt, n, chain=True)}
+    samples: dict[str, list[float]] = {k: [] for k in ("independent", "independent_replayed", "chain",
+                                                        "chain_replayed")}
+    try:
+        for r in replays.values():
+            r.run()  # warm-up: the first run builds the plan's views
+        for _ in range(repeats):
+            samples["independent"].append(independent_tasks(rt, n))
+            samples["independent_replayed"].append(replays["independent"].run())
+            samples["chain"].append(chain_tasks(rt, n))
+            samples["chain_replayed"].append(replays["chain"].run())
+    finally:
+        for r in replays.values():
+            r.close()
+    return samples
+
+
 def wait_latency(rt, bursts: int) -> list[float]:
     """Per burst of 16 GEMM tasks: ms from the end of its last task to ``wait()`` returning."""
     lib = getattr(rt._engine, "_lib", None)
@@ -105,7 +149,9 @@ def gemm_versus_numpy(rt, size: int, tile: int, repeats: int) -> dict:
 def plot(result: dict, path) -> None:
     fig, axes = common.figure(2, width=4.6)
     common.speedup_bars(axes[0], ["independent", "dependent chain"],
-                        {"µs/task": [result["independent_us_per_task"], result["chain_us_per_task"]]},
+                        {"submitted": [result["independent_us_per_task"], result["chain_us_per_task"]],
+                         "replayed": [result["independent_replayed_us_per_task"],
+                                      result["chain_replayed_us_per_task"]]},
                         ylabel="µs per empty task (submit + run + wait)", baseline=None,
                         title=f"{result['config']['tasks']} empty tasks")
     g = result["gemm"]
@@ -132,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     import lotus_rt
     rt = lotus_rt.runtime()
     independent_tasks(rt, 1000), chain_tasks(rt, 1000)  # warm-up
-    indep = [independent_tasks(rt, tasks) for _ in range(repeats)]
-    chain = [chain_tasks(rt, tasks) for _ in range(repeats)]
+    samples = submitted_and_replayed(rt, tasks, repeats)
     latency = wait_latency(rt, 10 if q else 40)
     gemm = gemm_versus_numpy(rt, size, tile, repeats)
 
     result = {
         "scenario": "overhead", "quick": q, "environment": common.environment(rt),
         "config": {"tasks": tasks, "repeats": repeats},
-        "independent_us_per_task": common.median_spread(indep),
-        "chain_us_per_task": common.median_spread(chain),
+        **{f"{k}_us_per_task": common.median_spread(v) for k, v in samples.items()},
+        "replay_speedup": {k: common.median_spread([s / r for s, r in zip(samples[k], samples[k + "_replayed"])])
+                           for k in ("independent", "chain")},
         "wait_latency_ms": common.median_spread(latency) if latency else None,
         "gemm": gemm,
     }
@@ -150,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     env = result["environment"]
     print(f"engine={env['engine']} policy={env['policy']} workers={len(env['workers'])} "
           f"(StarPU {env['starpu_version']})")
-    for label, key in (("independent empty task", "independent_us_per_task"),
-                       ("dependent chain task  ", "chain_us_per_task")):
-        s = result[key]
-        print(f"{label}: {s['median']:6.2f} us/task (min {s['min']:.2f}, max {s['max']:.2f})")
+    for label, key in (("independent empty task", "independent"), ("dependent chain task  ", "chain")):
+        for how, suffix in (("submitted", ""), ("replayed ", "_replayed")):
+            s = result[f"{key}{suffix}_us_per_task"]
+            print(f"{label}, {how}: {s['median']:6.2f} us/task (min {s['min']:.2f}, max {s['max']:.2f})")
+        print(f"{label}: replay {result['replay_speedup'][key]['median']:.2f}x faster (per round)")
     if latency:
         s = result["wait_latency_ms"]
         print(f"wait() returns {s['median']:.3f} ms after the last task ends (min {s['min']:.3f}, max {s['max']:.3f})")

@@ -91,7 +91,8 @@ def traced_step(model: nn.Module, x, y, path: pathlib.Path) -> int:
     loss = nn.CrossEntropyLoss()(model(x), y)
     loss.backward()
     records = rt.trace()
-    gantt_png(records, [name for _, name in rt.workers], path, title="one offloaded training step")
+    gantt_png(records, [name for _, name in rt.workers], path, color_by="layer",
+              title=f"one training step of the offloaded model ({len(records)} tasks, coloured by layer)")
     return len(records)
 
 

@@ -7,10 +7,13 @@ nn.Conv2d (except 1x1 convolutions and the model's first convolution, unless
 by decomposing the trained weights; it returns the model and keeps a per-layer report in
 ``model.lotus_report`` (params before/after, relative reconstruction error).
 
-``offload(model)`` switches the tensorized layers to their runtime path and turns dense
-nn.Linear / nn.Conv2d into their offloaded twins by changing their class in place (the
-parameters and state_dict keys stay the same). Layers offload cannot run stay in torch with
-one warning naming them.
+``offload(model)`` captures the model with torch.fx and runs each stretch of supported layers
+(convolutions dense or tensorized, linear and TT layers, activations, pooling, batch norm,
+dropout, residual adds, concatenations) as one task graph per pass over batch tiles
+(``lotus_rt.nn.whole_model``); parameters and state_dict keys stay the same. What it cannot
+capture stays in torch, named once in a warning, with its layers offloaded one by one: the
+tensorized layers switched to their runtime path, dense nn.Linear / nn.Conv2d turned into their
+offloaded twins by changing their class in place.
 """
 from __future__ import annotations
 
@@ -107,8 +110,34 @@ def tensorize(model: nn.Module, rank=0.25, conv: str = "tucker2", linear: str = 
     return model
 
 
-def offload(model: nn.Module) -> nn.Module:
-    """Run the model's supported layers as task DAGs on the runtime; returns the model."""
+def offload(model: nn.Module, whole_model: bool = True) -> nn.Module:
+    """Run the model on the runtime; returns the model (changed in place).
+
+    ``whole_model`` (the default): the model is captured with torch.fx and each run of
+    supported layers becomes one task graph per pass over batch tiles (``nn.whole_model``);
+    what cannot be captured or lowered stays in torch, its layers offloaded one by one, and is
+    named once in a warning. ``whole_model=False``, or a model torch.fx cannot trace: every
+    supported layer runs as its own task DAG behind its own autograd Function."""
+    if whole_model:
+        from lotus_rt.nn import whole_model as wm
+        try:
+            whole = wm.attach(model)
+        except Exception as exc:  # noqa: BLE001 - torch.fx raises many kinds of error on untraceable code
+            warnings.warn(f"lotus_rt.offload: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
+                          f"{exc}); its layers are offloaded one by one instead", RuntimeWarning, stacklevel=2)
+        else:
+            for node in whole.torch_modules():
+                _offload_layers(node, warn=False)
+            if whole.kept:
+                warnings.warn("lotus_rt.offload: these parts of the model run in torch: " + "; ".join(whole.kept),
+                              RuntimeWarning, stacklevel=2)
+            return model
+    _offload_layers(model, warn=True)
+    return model
+
+
+def _offload_layers(model: nn.Module, warn: bool) -> None:
+    """Each supported layer of ``model`` runs as its own task DAG (the per-layer path)."""
     kept = []
     for name, module in model.named_modules():
         if isinstance(module, TENSORIZED):
@@ -121,17 +150,19 @@ def offload(model: nn.Module) -> nn.Module:
                             f"padding_mode={module.padding_mode!r})")
             else:
                 module.__class__ = OffloadedConv2d
-    if kept:
+    if kept and warn:
         warnings.warn("lotus_rt.offload: these layers stay in torch: " + "; ".join(kept), RuntimeWarning,
-                      stacklevel=2)
-    return model
+                      stacklevel=3)
 
 
 def offloaded_layers(model: nn.Module) -> list[str]:
-    """Names of the layers that run on the runtime."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (OffloadedLinear, OffloadedConv2d))
-            or (isinstance(m, (TTLinear, _FactorizedConv2d, *GROUP_LAYERS)) and m.offloaded)]
+    """Names of the layers that run on the runtime (in the whole-model graph or one by one)."""
+    whole = model.__dict__.get("_lotus_whole")
+    in_graph = whole.region_modules() if whole is not None else []
+    one_by_one = [name for name, m in model.named_modules()
+                  if isinstance(m, (OffloadedLinear, OffloadedConv2d))
+                  or (isinstance(m, (TTLinear, _FactorizedConv2d, *GROUP_LAYERS)) and m.offloaded)]
+    return in_graph + [n for n in one_by_one if n not in in_graph]
 
 
 __all__ = ["tensorize", "offload", "offloaded_layers", "balanced_factors", "LayerReport"]

@@ -2,7 +2,7 @@
 
 ``tensorize_group(model, layers=[...], format="tucker"|"tt"|"cp", rank=...)`` stacks the kernels
 of the named Conv2d/Linear layers into one tensor with a leading "layer" mode,
-(L, O, I, KH, KW), factorizes it once (``lotus_rt.decompose``: HOSVD/HOOI, TT-SVD, CP-ALS) and
+(L, O, I, KH, KW), factorizes it once (``lotus_rt.decompose``: HOSVD/HOOI, TT-SVD, CP-ALS; masked fits when padded) and
 replaces each layer by a view (``GroupConv2d`` / ``GroupLinear``) that holds only its bias and
 reads its kernel from the one ``SharedNetwork`` all views share:
 
@@ -102,20 +102,20 @@ class SharedNetwork(nn.Module):
         fan_in = max(s.in_channels * s.kernel[0] * s.kernel[1] for s in self.slots) if self.slots else I * KH * KW
         std = 1.0 / math.sqrt(3.0 * fan_in)  # the std of a kernel entry under torch's default init
         if format == "tucker":
-            self.ranks = decompose.tucker_ranks(self.shape, ranks, full_modes=(0, 3, 4))
+            self.ranks = decompose.group_tucker_ranks(self.shape, ranks, full_modes=(0, 3, 4))
             for name, n, r in zip(FACTOR_NAMES, self.shape, self.ranks):
                 self.register_parameter(name, nn.Parameter(_orthonormal(n, r, dtype)))
             self.core = nn.Parameter(torch.randn(self.ranks, dtype=dtype) * std
                                      * math.sqrt(math.prod(self.shape) / math.prod(self.ranks)))
         elif format == "tt":
-            self.ranks = decompose.tt_tensor_ranks(self.shape, ranks)
+            self.ranks = decompose.group_tt_ranks(self.shape, ranks)
             r = (1,) + self.ranks + (1,)
             core_std = (std ** 2 / math.prod(self.ranks)) ** (1 / 10)
             for k, (name, n) in enumerate(zip(FACTOR_NAMES, self.shape)):
                 value = torch.randn(r[k], n, r[k + 1], dtype=dtype) * core_std
                 self.register_parameter(name, nn.Parameter(value.reshape(self._tt_shape(k, r[k], n, r[k + 1]))))
         else:
-            self.ranks = decompose.cp_tensor_rank(self.shape, ranks)
+            self.ranks = decompose.group_cp_rank(self.shape, ranks)
             factor_std = (std ** 2 / self.ranks) ** (1 / 10)
             for name, n in zip(FACTOR_NAMES, self.shape):
                 self.register_parameter(name, nn.Parameter(torch.randn(n, self.ranks, dtype=dtype) * factor_std))
@@ -358,17 +358,18 @@ def _decompose(stacked: np.ndarray, mask: np.ndarray | None, format: str, rank, 
     """The format's ranks and factors (names as SharedNetwork's parameters) of the stacked tensor."""
     if format == "tucker":
         full = (0,) if isinstance(rank, float) else (0, 3, 4)  # a float: every rank but the layer's by energy
-        ranks = decompose.tucker_ranks(stacked.shape, rank, full_modes=full, dense_params=dense_params, tensor=stacked)
-        core, factors = decompose.tucker(stacked, ranks, mask=mask)
+        ranks = decompose.group_tucker_ranks(stacked.shape, rank, full_modes=full, dense_params=dense_params,
+                                             tensor=stacked)
+        core, factors = decompose.masked_tucker(stacked, ranks, mask=mask)
         return ranks, {"core": core, **dict(zip(FACTOR_NAMES, factors))}
     if format == "tt":
-        ranks = decompose.tt_tensor_ranks(stacked.shape, rank, dense_params=dense_params, tensor=stacked)
-        cores = decompose.tt(stacked, ranks, mask=mask)
+        ranks = decompose.group_tt_ranks(stacked.shape, rank, dense_params=dense_params, tensor=stacked)
+        cores = decompose.masked_tt(stacked, ranks, mask=mask)
         ranks = tuple(c.shape[2] for c in cores[:-1])  # a cut's SVD may give fewer
         cores[0], cores[-1] = cores[0][0], cores[-1][:, :, 0]
         return ranks, dict(zip(FACTOR_NAMES, cores))
-    r = decompose.cp_tensor_rank(stacked.shape, rank, dense_params=dense_params)
-    weights, factors = decompose.cp_masked(stacked, r, mask=mask)
+    r = decompose.group_cp_rank(stacked.shape, rank, dense_params=dense_params)
+    weights, factors = decompose.masked_cp(stacked, r, mask=mask)
     if stable:  # the least sensitive CP at the same error; outside the mask the fit is kept as is
         target = stacked if mask is None else np.where(mask, stacked, decompose.reconstruct_cp(factors, weights))
         factors = decompose.cp_correct(target, factors, weights)
@@ -387,7 +388,7 @@ def tensorize_group(model: nn.Module, layers: Sequence[str], format: str = "tuck
     dtype. ``format``: "tucker", "tt" or "cp" (module docstring). ``rank``: Tucker: an int (the
     channel ranks; layer and kernel modes kept full), a float in (0, 1] (the fraction of the
     layers' dense weight count the whole network may use, spread over the modes by the energy of
-    the unfoldings' singular values: ``decompose.tucker_ranks(..., tensor=)``; the layer mode
+    the unfoldings' singular values: ``decompose.group_tucker_ranks(..., tensor=)``; the layer mode
     full), or 5 ints (R_L, R_O, R_I, R_h, R_w); TT: an int, a float (budget spread over the cuts
     likewise) or the 4 internal ranks; CP: an int or a float. ``stable``
     (CP): apply the sensitivity correction of Phan et al. 2020 (``decompose.cp_correct``).

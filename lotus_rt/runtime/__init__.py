@@ -33,10 +33,11 @@ from lotus_rt.runtime.core import (Codelet, ErrorLog, Future, Handle, Task, Task
                                    check_priority, parse_accesses, raise_collected, task_name,
                                    validate_array, validate_cuda_array)
 from lotus_rt.runtime.inline import InlineEngine
+from lotus_rt.runtime.plans import StepPlan
 from lotus_rt.runtime.settings import Settings
 
 __all__ = ["Runtime", "runtime", "shutdown", "Codelet", "Handle", "Future", "WorkerStats", "TaskRecord",
-           "Settings", "RunStats"]
+           "Settings", "RunStats", "StepPlan"]
 
 
 class Runtime:
@@ -55,6 +56,10 @@ class Runtime:
         self._ids = itertools.count(1)
         self._live: weakref.WeakSet[Handle] = weakref.WeakSet()
         self._closed = False
+        self._recording: StepPlan | None = None
+        self._recorder: int | None = None  # the thread recording, if any
+        self._waits = 0  # completed wait()s: a plan runs again only after one
+        self._plans: weakref.WeakSet[StepPlan] = weakref.WeakSet()
 
     def _start_engine(self, settings: Settings) -> Any:
         if settings.engine == "inline":
@@ -160,13 +165,17 @@ class Runtime:
 
     def _unregister_submit(self, handle: Handle) -> None:
         self._live.discard(handle)
-        if not self._closed:
+        plan = self._plan_recording()
+        if plan is not None:  # the recorded tasks will use it at every run: freed with the plan
+            plan._defer(handle)
+        elif not self._closed:
             self._engine.unregister_submit(handle._ref)
 
     def _unregister(self, handle: Handle) -> None:
         if not self._closed:
             self._check_not_in_task("unregister()")
             self._check_not_paused("unregister()")
+            self._check_not_recording("unregister()")
             self._engine.unregister(handle._ref, handle.array)
         self._live.discard(handle)
 
@@ -178,7 +187,22 @@ class Runtime:
         self._check_open()
         self._check_not_in_task("acquire()")
         self._check_not_paused("acquire()")
+        self._check_not_recording("acquire()")
         self._engine.acquire(handle._ref, mode)
+
+    def _sync_home(self, handle: Handle, mode: str) -> None:
+        self._check_open()
+        self._check_not_in_task("written_at_home()/bring_home()")
+        self._check_not_paused("written_at_home()/bring_home()")
+        self._check_not_recording("written_at_home()/bring_home()")
+        if not handle.registered or handle.temporary:
+            raise ValueError("written_at_home()/bring_home() take a registered array or device array")
+        self._engine.sync_home(handle._ref, mode)
+
+    @property
+    def has_cuda(self) -> bool:
+        """Whether the runtime has a CUDA worker."""
+        return self._has_cuda
 
     def _release(self, handle: Handle) -> None:
         self._engine.release(handle._ref)
@@ -212,15 +236,48 @@ class Runtime:
             priority = check_priority(priority)
         future = Future(label)
         task = Task(codelet, handles, modes, kwargs, label, priority, future)
-        future._waiter = self._engine.submit(task, next(self._ids))
+        plan = self._plan_recording()
+        if plan is None:
+            future._waiter = self._engine.submit(task, next(self._ids))
+        else:
+            task_id = next(self._ids)
+            future._waiter = self._engine.plan_add(plan._ref, task, task_id)
+            plan._add(task, task_id)
         return future
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[StepPlan]:
+        """Record the tasks this thread submits inside the block into a ``StepPlan`` instead of
+        running them; ``plan.run()`` submits them all again, in order, in one call (see
+        ``lotus_rt.runtime.plans``). Temporaries released inside the block live until
+        ``plan.release()``; waiting, unregistering or acquiring inside the block is refused."""
+        self._check_open()
+        self._check_not_in_task("record()")
+        if self._recording is not None:
+            raise RuntimeError("record(): this runtime is already recording a plan")
+        plan = StepPlan(self, self._engine.plan_new())
+        self._plans.add(plan)
+        self._recording, self._recorder = plan, threading.get_ident()
+        try:
+            yield plan
+        except BaseException:
+            self._recording = self._recorder = None
+            plan.release()
+            raise
+        self._recording = self._recorder = None
+
+    def _plan_recording(self) -> StepPlan | None:
+        plan = self._recording
+        return plan if plan is not None and self._recorder == threading.get_ident() else None
 
     def wait(self) -> None:
         """Wait for every submitted task; raise the first codelet failure not yet reported."""
         self._check_open()
         self._check_not_in_task("wait()")
         self._check_not_paused("wait()")
+        self._check_not_recording("wait()")
         self._engine.wait_all()
+        self._waits += 1
         raise_collected(self._errors.take())
 
     # ------------------------------------------------------------------ observation
@@ -259,6 +316,9 @@ class Runtime:
         self._check_not_in_task("shutdown()")
         try:
             self._engine.wait_all()
+            self._waits += 1
+            for plan in list(self._plans):
+                plan.release()
             for handle in list(self._live):
                 handle.unregister()
             if self._trace_file:
@@ -290,6 +350,11 @@ class Runtime:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this runtime has been shut down; call lotus_rt.runtime() for a new one")
+
+    def _check_not_recording(self, what: str) -> None:
+        if self._plan_recording() is not None:
+            raise RuntimeError(f"{what} inside runtime.record(): the recorded tasks have not run; "
+                               "run the plan (plan.run()), then wait")
 
     def _check_not_paused(self, what: str) -> None:
         if self._engine.user_paused():

@@ -54,6 +54,24 @@ class InlineEngine:
     def release(self, ref: Any) -> None:
         pass
 
+    def sync_home(self, ref: Any, mode: str) -> None:
+        pass
+
+    # step plans: the recorded tasks, run in order at every plan run
+    def plan_new(self) -> list:
+        return []
+
+    def plan_add(self, plan: list, task: Task, task_id: int) -> None:
+        plan.append((task, task_id))
+        return None
+
+    def plan_run(self, plan: list, tasks: list[Task]) -> None:
+        for task, task_id in plan:
+            self.submit(task, task_id)
+
+    def plan_free(self, plan: list, task_ids: list[int]) -> None:
+        plan.clear()
+
     def submit(self, task: Task, task_id: int) -> None:
         arrays = []
         for handle, mode in zip(task.handles, task.modes):

@@ -110,6 +110,8 @@ class StarPUEngine:
         _active = self
         self._errors = errors
         self._pending: dict[int, Task] = {}
+        self._planned: dict[int, Task] = {}  # tasks of step plans: run again at every plan run
+        self._views: dict[int, tuple[tuple, list[np.ndarray]]] = {}  # a planned task's last buffers
         self._codelets: dict[Any, Any] = {}
         self._codelets_lock = threading.Lock()
         self._footprints: dict[Any, int] = {}
@@ -187,6 +189,17 @@ class StarPUEngine:
     def release(self, ref: Any) -> None:
         self._lib.lotus_release(ref)
 
+    def sync_home(self, ref: Any, mode: str) -> None:
+        """With CUDA workers: "RW" drops the copies of data written at home outside tasks, "R"
+        makes the home valid again after tasks wrote elsewhere. CPU workers use the home itself."""
+        if not self._pin:
+            return
+        self.start_held_tasks()
+        ret = self._lib.lotus_acquire_home(ref, self._mode_ints[mode])
+        if ret != 0:
+            raise RuntimeError(f"starpu_data_acquire_on_node failed with {ret}")
+        self._lib.lotus_release_home(ref)
+
     # ------------------------------------------------------------------ tasks
 
     def _c_codelet(self, codelet: Any) -> Any:
@@ -227,6 +240,44 @@ class StarPUEngine:
             raise RuntimeError(f"starpu_task_submit failed for task {task.name!r}: {ENOERR.get(err, err)}")
         return _RecWaiter(ffi.gc(rec, lib.lotus_rec_release), lib, self)
 
+    # ------------------------------------------------------------------ step plans
+
+    def plan_new(self) -> Any:
+        ref = self._lib.lotus_plan_new()
+        if ref == self._ffi.NULL:
+            raise MemoryError("cannot allocate a step plan")
+        return self._ffi.gc(ref, lambda _: None)  # freed by plan_free, never by the GC
+
+    def plan_add(self, plan: Any, task: Task, task_id: int) -> "_RecWaiter":
+        n = len(task.handles)
+        if n > self._max_buffers:
+            raise ValueError(f"submit(): a task takes at most {self._max_buffers} arrays with this "
+                             f"StarPU (STARPU_NMAXBUFS), got {n}")
+        low, high = self.priority_range
+        priority = low if task.priority < low else high if task.priority > high else task.priority
+        rec = self._lib.lotus_plan_add(plan, self._codelets.get(task.codelet) or self._c_codelet(task.codelet),
+                                       [h._ref for h in task.handles], [self._mode_ints[m] for m in task.modes],
+                                       n, priority, task.name.encode(), task_id, self._footprint(task))
+        if rec == self._ffi.NULL:
+            err = self._lib.lotus_last_submit_error()
+            raise RuntimeError(f"cannot record task {task.name!r}: {ENOERR.get(err, err)}")
+        self._planned[task_id] = task
+        return _RecWaiter(rec, self._lib, self)  # the plan owns the record
+
+    def plan_run(self, plan: Any, tasks: list[Task]) -> None:
+        failed = self._lib.lotus_plan_submit(plan)
+        if failed:
+            err = self._lib.lotus_last_submit_error()
+            self.wait_all()  # the tasks before it were submitted
+            raise RuntimeError(f"starpu_task_submit failed for task {tasks[failed - 1].name!r} of a step plan: "
+                               f"{ENOERR.get(err, err)}")
+
+    def plan_free(self, plan: Any, task_ids: list[int]) -> None:
+        self._lib.lotus_plan_free(plan)
+        for task_id in task_ids:
+            self._planned.pop(task_id, None)
+            self._views.pop(task_id, None)
+
     def _footprint(self, task: Task) -> int:
         if task.kwargs:  # scalar arguments take part; not worth caching
             return footprint(task.codelet, task.handles, task.kwargs)
@@ -239,7 +290,12 @@ class StarPUEngine:
         return fp
 
     def _execute(self, task_id: int, ptrs: Any, n: int, kind: int, worker: int, stream: Any) -> None:
-        task = self._pending.pop(task_id)
+        task = self._pending.pop(task_id, None)
+        if task is None:
+            task = self._planned[task_id]
+            if kind == 0:
+                self._execute_planned(task_id, task, ptrs, n, worker)
+                return
         worker_name = self.workers[worker][1] if 0 <= worker < len(self.workers) else str(worker)
         if kind == 1:
             from lotus_rt.runtime import cuda_views
@@ -248,6 +304,9 @@ class StarPUEngine:
             with cuda_views.on_stream(stream):
                 run_body(task, task.codelet.cuda, arrays, worker_name, self._errors)
             return
+        run_body(task, task.codelet.cpu, self._host_views(task, ptrs, n), worker_name, self._errors)
+
+    def _host_views(self, task: Task, ptrs: Any, n: int) -> list[np.ndarray]:
         buffer, frombuffer = self._ffi.buffer, np.frombuffer
         arrays = []
         for i in range(n):
@@ -256,7 +315,16 @@ class StarPUEngine:
             if task.modes[i] == "R":
                 view.flags.writeable = False
             arrays.append(view)
-        run_body(task, task.codelet.cpu, arrays, worker_name, self._errors)
+        return arrays
+
+    def _execute_planned(self, task_id: int, task: Task, ptrs: Any, n: int, worker: int) -> None:
+        """A step plan's task on a CPU worker: its views are kept while its buffers stay put."""
+        key = tuple(ptrs[i] for i in range(n))
+        cached = self._views.get(task_id)
+        if cached is None or cached[0] != key:
+            cached = self._views[task_id] = (key, self._host_views(task, ptrs, n))
+        worker_name = self.workers[worker][1] if 0 <= worker < len(self.workers) else str(worker)
+        run_body(task, task.codelet.cpu, cached[1], worker_name, self._errors)
 
     def in_task(self) -> bool:
         return self._lib.lotus_current_worker() >= 0

@@ -25,6 +25,7 @@ PKG_NAMES = ("starpu-1.4", "starpu-1.3")
 CDEF = """
 typedef struct lotus_rec lotus_rec;
 typedef struct lotus_codelet lotus_codelet;
+typedef struct lotus_plan lotus_plan;
 struct lotus_trace_entry {
     uint64_t id;
     int worker;
@@ -59,6 +60,8 @@ void lotus_unregister(void *handle);
 void lotus_unregister_submit(void *handle);
 int lotus_acquire(void *handle, int mode);
 void lotus_release(void *handle);
+int lotus_acquire_home(void *handle, int mode);
+void lotus_release_home(void *handle);
 int lotus_pin(void *ptr, size_t size);
 int lotus_unpin(void *ptr, size_t size);
 int lotus_mode_r(void);
@@ -75,6 +78,13 @@ int lotus_rec_done(lotus_rec *rec);
 int lotus_rec_wait(lotus_rec *rec, double timeout_s);
 void lotus_rec_release(lotus_rec *rec);
 int lotus_wait_all(void);
+
+lotus_plan *lotus_plan_new(void);
+int lotus_plan_size(lotus_plan *p);
+lotus_rec *lotus_plan_add(lotus_plan *p, lotus_codelet *c, void **handles, int *modes, int n, int priority,
+                          const char *name, uint64_t id, uint32_t footprint);
+int lotus_plan_submit(lotus_plan *p);
+void lotus_plan_free(lotus_plan *p);
 void lotus_idle_pause_configure(int enabled, long batch);
 void lotus_start_held(void);
 void lotus_user_pause(void);

@@ -17,6 +17,14 @@
  *                       drops the task's reference and, when it was the last outstanding
  *                       task, pauses the idle workers (see "idle pause").
  *   lotus_rec_release() drops Python's reference; the rec is freed when both are gone.
+ *
+ * Step plans (replay): lotus_plan_add() builds a task like lotus_submit() but keeps it (StarPU's
+ * destroy flag unset) in a lotus_plan instead of submitting it; lotus_plan_submit() then submits
+ * every task of the plan in order, in one call, and again after the previous run completed
+ * (a task without the destroy flag may be submitted again once it has terminated and been
+ * waited for; starpu_task_clean() drops the previous run's job first). The plan
+ * owns its tasks and records (persistent: the completion callback does not free them); their
+ * done flags are reset at each run. lotus_plan_free() destroys them once they are idle.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -38,6 +46,7 @@
 
 typedef struct lotus_rec lotus_rec;
 typedef struct lotus_codelet lotus_codelet;
+typedef struct lotus_plan lotus_plan;
 
 /* Entry point implemented in Python (extern "Python" in the cdef). */
 static void lotus_py_exec(uint64_t id, void **ptrs, int n, int kind, int worker, void *stream);
@@ -48,6 +57,12 @@ struct lotus_rec {
     int nbuffers;
     int refcount;
     int done;
+    int persistent;  /* owned by a lotus_plan: reused by every run, freed with the plan */
+    int runs;        /* a persistent task's submissions so far */
+    struct lotus_codelet *codelet;  /* what the task is made of, to rebuild it for the next run */
+    int priority;
+    void *handles[STARPU_NMAXBUFS];
+    int modes[STARPU_NMAXBUFS];
     struct starpu_task *task;
     char name[LOTUS_NAME_MAX];
 };
@@ -227,6 +242,21 @@ static int lotus_acquire(void *handle, int mode)
 }
 
 static void lotus_release(void *handle) { starpu_data_release((starpu_data_handle_t)handle); }
+
+/* Acquire on the data's home node (main RAM or the GPU it was registered on): with RW, every
+ * other copy is dropped (the home was written outside tasks); with R, the home is made valid
+ * again (tasks wrote another copy). */
+static int lotus_acquire_home(void *handle, int mode)
+{
+    starpu_data_handle_t h = (starpu_data_handle_t)handle;
+    return starpu_data_acquire_on_node(h, starpu_data_get_home_node(h), (enum starpu_data_access_mode)mode);
+}
+
+static void lotus_release_home(void *handle)
+{
+    starpu_data_handle_t h = (starpu_data_handle_t)handle;
+    starpu_data_release_on_node(h, starpu_data_get_home_node(h));
+}
 
 static int lotus_pin(void *ptr, size_t size) { return starpu_memory_pin(ptr, size); }
 static int lotus_unpin(void *ptr, size_t size) { return starpu_memory_unpin(ptr, size); }
@@ -445,7 +475,7 @@ static void lotus_task_done(void *arg)
 {
     struct lotus_rec *rec = (struct lotus_rec *)arg;
     lotus_trace_push(rec);
-    lotus_rec_release(rec);
+    if (!rec->persistent) lotus_rec_release(rec);
     lotus_count_done();
 }
 
@@ -454,15 +484,29 @@ static __thread int lotus_submit_error = 0;
 /* The error code of this thread's last failed lotus_submit (a negative errno). */
 static int lotus_last_submit_error(void) { return lotus_submit_error; }
 
-/* Returns the task's record (Python owns one reference), or NULL and sets the error
- * lotus_last_submit_error() returns. */
-static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, int *modes, int n,
-                                      int priority, const char *name, uint64_t id,
-                                      uint32_t footprint)
+static void lotus_fill_task(struct starpu_task *task, struct lotus_rec *rec)
+{
+    int i;
+    task->cl = &rec->codelet->cl;
+    task->nbuffers = rec->nbuffers;
+    for (i = 0; i < rec->nbuffers; i++) {
+        task->handles[i] = (starpu_data_handle_t)rec->handles[i];
+        task->modes[i] = (enum starpu_data_access_mode)rec->modes[i];
+    }
+    task->cl_arg = rec;
+    task->callback_func = lotus_task_done;
+    task->callback_arg = rec;
+    task->priority = rec->priority;
+    task->name = rec->name;
+}
+
+/* A task and its record, not submitted; NULL (and lotus_submit_error set) on bad input. */
+static struct lotus_rec *lotus_make_task(struct lotus_codelet *c, void **handles, int *modes, int n,
+                                         int priority, const char *name, uint64_t id, uint32_t footprint)
 {
     struct lotus_rec *rec;
     struct starpu_task *task;
-    int i, ret;
+    int i;
     if (n < 0 || n > STARPU_NMAXBUFS) { lotus_submit_error = -E2BIG; return NULL; }
     rec = calloc(1, sizeof(*rec));
     if (!rec) { lotus_submit_error = -ENOMEM; return NULL; }
@@ -472,19 +516,29 @@ static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, i
     rec->refcount = 2;
     strncpy(rec->name, name, LOTUS_NAME_MAX - 1);
 
+    rec->codelet = c;
+    rec->priority = priority;
+    for (i = 0; i < n; i++) {
+        rec->handles[i] = handles[i];
+        rec->modes[i] = modes[i];
+    }
     task = starpu_task_create();
     rec->task = task;
-    task->cl = &c->cl;
-    task->nbuffers = n;
-    for (i = 0; i < n; i++) {
-        task->handles[i] = (starpu_data_handle_t)handles[i];
-        task->modes[i] = (enum starpu_data_access_mode)modes[i];
-    }
-    task->cl_arg = rec;
-    task->callback_func = lotus_task_done;
-    task->callback_arg = rec;
-    task->priority = priority;
-    task->name = rec->name;
+    lotus_fill_task(task, rec);
+    return rec;
+}
+
+/* Returns the task's record (Python owns one reference), or NULL and sets the error
+ * lotus_last_submit_error() returns. */
+static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, int *modes, int n,
+                                      int priority, const char *name, uint64_t id,
+                                      uint32_t footprint)
+{
+    struct lotus_rec *rec = lotus_make_task(c, handles, modes, n, priority, name, id, footprint);
+    struct starpu_task *task;
+    int ret;
+    if (!rec) return NULL;
+    task = rec->task;
     lotus_count_submit();
     ret = starpu_task_submit(task);
     if (ret != 0) {
@@ -496,6 +550,77 @@ static struct lotus_rec *lotus_submit(struct lotus_codelet *c, void **handles, i
         return NULL;
     }
     return rec;
+}
+
+/* ---------------------------------------------------------------- step plans */
+
+struct lotus_plan {
+    int n, cap;
+    struct lotus_rec **recs;
+};
+
+static struct lotus_plan *lotus_plan_new(void) { return calloc(1, sizeof(struct lotus_plan)); }
+
+static int lotus_plan_size(struct lotus_plan *p) { return p->n; }
+
+/* Adds a task to the plan without submitting it; returns its record (owned by the plan), or
+ * NULL with lotus_last_submit_error() set. */
+static struct lotus_rec *lotus_plan_add(struct lotus_plan *p, struct lotus_codelet *c, void **handles, int *modes,
+                                        int n, int priority, const char *name, uint64_t id, uint32_t footprint)
+{
+    struct lotus_rec *rec;
+    if (p->n == p->cap) {
+        int cap = p->cap ? 2 * p->cap : 64;
+        struct lotus_rec **recs = realloc(p->recs, cap * sizeof(*recs));
+        if (!recs) { lotus_submit_error = -ENOMEM; return NULL; }
+        p->recs = recs;
+        p->cap = cap;
+    }
+    rec = lotus_make_task(c, handles, modes, n, priority, name, id, footprint);
+    if (!rec) return NULL;
+    rec->persistent = 1;
+    rec->task->destroy = 0;
+    p->recs[p->n++] = rec;
+    return rec;
+}
+
+/* Submits every task of the plan in order (the previous run must have completed). Returns 0,
+ * or k+1 when the k-th submission failed (lotus_last_submit_error() says why; the tasks before
+ * it were submitted and must be waited for). */
+static int lotus_plan_submit(struct lotus_plan *p)
+{
+    int k, ret;
+    for (k = 0; k < p->n; k++) {
+        struct lotus_rec *rec = p->recs[k];
+        __atomic_store_n(&rec->done, 0, __ATOMIC_RELEASE);
+        if (rec->runs++) {
+            /* drop the last run's job (StarPU keeps it while destroy is unset), then make the
+             * task anew in the same memory: clean leaves it uninitialised */
+            starpu_task_clean(rec->task);
+            starpu_task_init(rec->task);
+            lotus_fill_task(rec->task, rec);
+        }
+        lotus_count_submit();
+        ret = starpu_task_submit(rec->task);
+        if (ret != 0) {
+            lotus_count_done();
+            lotus_submit_error = ret;
+            return k + 1;
+        }
+    }
+    return 0;
+}
+
+/* Frees the plan's tasks and records; only once none of them is running or queued. */
+static void lotus_plan_free(struct lotus_plan *p)
+{
+    int k;
+    for (k = 0; k < p->n; k++) {
+        starpu_task_destroy(p->recs[k]->task);
+        free(p->recs[k]);
+    }
+    free(p->recs);
+    free(p);
 }
 
 static int lotus_rec_done(struct lotus_rec *rec) { return __atomic_load_n(&rec->done, __ATOMIC_ACQUIRE); }

@@ -81,16 +81,30 @@ def _submit_step(rt: Runtime, step: Step, inputs: list[Slot], out: Slot, out_mod
                   name=name or "unary", spec=spec, a_slice=a.slab, out_slice=out.slab)
 
 
-def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndarray,
-                   keep: bool = False) -> tuple[list[Handle], Forward | None]:
+def _named(base: str, label: str, fallback: str) -> str:
+    """A step's task name: "pair3[2]", or with a caller's label "pair <label>" (its layer)."""
+    if not label:
+        return fallback
+    return f"{base} {label}"[:47]
+
+
+def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndarray | Handle,
+                   keep: bool = False, label: str = "") -> tuple[list[Handle], Forward | None]:
     """Submit the plan's tasks computing ``out``; returns the output handles (unregister them
-    to get the result) and, with ``keep``, the Forward a backward pass needs."""
+    to get the result) and, with ``keep``, the Forward a backward pass needs. ``out`` may also
+    be a handle the caller registered (an untiled plan only): then no output handle is returned.
+    ``label`` names the tasks "<step kind> <label>" (e.g. the layer and tile they belong to)."""
     values: dict[int, list[Slot]] = {k: _operand_slots(plan, k, h) for k, h in enumerate(operands)}
     readers = {node: 0 for node in range(len(plan.nodes))}
     for step in plan.steps:
         for node in step.inputs:
             readers[node] += 1
-    out_slots, out_handles = _output_slots(rt, plan, out)
+    if isinstance(out, Handle):
+        if plan.tile_index is not None:
+            raise ValueError("submit_forward: a registered output handle needs an untiled plan")
+        out_slots, out_handles = [Slot(out)], []
+    else:
+        out_slots, out_handles = _output_slots(rt, plan, out)
     temporaries: list[Handle] = []
     dtype = plan.network.dtype
     for n, step in enumerate(plan.steps):
@@ -105,7 +119,7 @@ def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndar
             temporaries.extend(_distinct(values[step.output]))
         for t in range(plan.ntiles if step.tiled else 1):
             _submit_step(rt, step, [values[i][t] for i in step.inputs], values[step.output][t],
-                         name=f"{step.kind}{n}" + (f"[{t}]" if step.tiled else ""))
+                         name=_named(step.kind, label, f"{step.kind}{n}" + (f"[{t}]" if step.tiled else "")))
         if not keep:
             for node in step.inputs:
                 readers[node] -= 1
@@ -127,7 +141,7 @@ def _distinct(slots: list[Slot]) -> list[Slot]:
 
 
 def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[int],
-                    grads: dict[int, Handle]) -> None:
+                    grads: dict[int, Handle], label: str = "") -> None:
     """Submit the tasks writing d(output)/d(operand k) into ``grads[k]`` for every k in ``wrt``.
 
     ``grad_out`` holds the gradient of the output (registered whole); ``grads[k]`` are
@@ -171,20 +185,22 @@ def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[i
             if step.tiled and plan.is_tiled(x):
                 slots = [temp(x, tile) for tile in plan.tiles()]
                 for t, slot in enumerate(slots):
-                    _submit_step(rt, step, sources(t), slot, spec=spec, name=f"d{step.kind}{n}[{t}]")
+                    _submit_step(rt, step, sources(t), slot, spec=spec,
+                                 name=_named("d" + step.kind, label, f"d{step.kind}{n}[{t}]"))
             elif step.tiled:  # x is shared by every tile: one partial per tile, then a sum tree
                 partials = [temp(x, None) for _ in plan.tiles()]
                 for t, slot in enumerate(partials):
-                    _submit_step(rt, step, sources(t), slot, spec=spec, name=f"d{step.kind}{n}[{t}]")
-                slots = [sum_tree(rt, partials, step.priority)] * plan.ntiles
+                    _submit_step(rt, step, sources(t), slot, spec=spec,
+                                 name=_named("d" + step.kind, label, f"d{step.kind}{n}[{t}]"))
+                slots = [sum_tree(rt, partials, step.priority, _named("dsum", label, "dsum"))] * plan.ntiles
             else:  # an operand's gradient is written straight into its destination
                 slot = Slot(grads[x]) if x < ninputs else temp(x, None)
-                _submit_step(rt, step, sources(0), slot, spec=spec, name=f"d{step.kind}{n}")
+                _submit_step(rt, step, sources(0), slot, spec=spec, name=_named("d" + step.kind, label, f"d{step.kind}{n}"))
                 slots = [slot] * plan.ntiles
             gradient[x] = slots
     for k in wrt:
         if gradient[k][0].handle is not grads[k]:
-            _copy_into(rt, plan, k, gradient[k], grads[k])
+            _copy_into(rt, plan, k, gradient[k], grads[k], _named("dcopy", label, "dcopy"))
     for handle in owned:
         handle.unregister_submit()
 
@@ -197,12 +213,12 @@ def _nodes_needing_grad(plan: Plan, wrt: set[int]) -> set[int]:
     return needs
 
 
-def sum_tree(rt: Runtime, partials: list[Slot], priority: int) -> Slot:
+def sum_tree(rt: Runtime, partials: list[Slot], priority: int, name: str = "dsum") -> Slot:
     level = list(partials)
     while len(level) > 1:
         nxt = []
         for i in range(0, len(level) - 1, 2):
-            rt.submit(ADD, (level[i + 1].handle, "R"), (level[i].handle, "RW"), priority=priority, name="dsum")
+            rt.submit(ADD, (level[i + 1].handle, "R"), (level[i].handle, "RW"), priority=priority, name=name)
             nxt.append(level[i])
         if len(level) % 2:
             nxt.append(level[-1])
@@ -210,14 +226,14 @@ def sum_tree(rt: Runtime, partials: list[Slot], priority: int) -> Slot:
     return level[0]
 
 
-def _copy_into(rt: Runtime, plan: Plan, node: int, slots: list[Slot], dest: Handle) -> None:
+def _copy_into(rt: Runtime, plan: Plan, node: int, slots: list[Slot], dest: Handle, name: str = "dcopy") -> None:
     """Write a node's gradient (per tile or shared) into the registered array ``dest``."""
     idx = plan.nodes[node]
     identity = kernels.UnarySpec("einsum", f"{idx}->{idx}")
     if plan.is_tiled(node):
         axis = idx.index(plan.tile_index)
         for slot, (start, stop) in zip(slots, plan.tiles()):
-            rt.submit(UNARY, (slot.handle, "R"), (dest, "RW"), name="dcopy", spec=identity,
+            rt.submit(UNARY, (slot.handle, "R"), (dest, "RW"), name=name, spec=identity,
                       a_slice=None, out_slice=(axis, start, stop))
     else:
-        rt.submit(UNARY, (slots[0].handle, "R"), (dest, "W"), name="dcopy", spec=identity)
+        rt.submit(UNARY, (slots[0].handle, "R"), (dest, "W"), name=name, spec=identity)

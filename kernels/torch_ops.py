@@ -1,0 +1,410 @@
+"""Codelet bodies that call torch's own CPU and GPU kernels on a task's buffers.
+
+The whole-model graph (``lotus_rt.graph``) runs convolutions, pooling, batch norm and the
+element-wise ops of a model as tasks. Their bodies here hand the task's buffers to torch without
+copies (``torch.from_numpy`` on a CPU worker's NumPy views; ``torch.as_tensor`` on a CUDA worker's
+CuPy arrays, on StarPU's stream) and call the ATen kernels torch itself uses: oneDNN convolution
+and pooling on the CPU, cuDNN/cuBLAS on the GPU. A CPU body runs torch with one intra-op thread
+(set once per worker thread): StarPU's workers are the parallelism.
+
+Every body is written once over torch tensors (``_conv_forward``, ...) and registered by
+``@body`` in ``BODIES`` as a (CPU body, GPU body) pair under its name ("conv_forward", ...). Arrays arrive in the order of the task's handles with the
+storage shape they were registered with; each body reshapes them to the shapes it is given
+(``x_shape``...), so a value can be stored in the shape its pickiest consumer wants. Bodies that
+add into a gradient buffer (``accumulate=True``) do ``+=``, else they overwrite it.
+
+Batch norm statistics are per-tile (count, mean, M2) partials in float64, combined pairwise
+(Chan et al.'s parallel variance) by a tree of tasks, then finalised into (mean, invstd).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+aten = torch.ops.aten
+
+_thread = threading.local()
+
+
+def _one_thread() -> None:
+    if not getattr(_thread, "set", False):
+        torch.set_num_threads(1)  # this worker thread's team only: the calling thread keeps its own
+        _thread.set = True
+
+
+_tensors: dict[tuple, torch.Tensor] = {}  # (address, shape, dtype) -> a tensor over that memory
+
+
+def _host(a: Any) -> torch.Tensor:
+    """A CPU tensor over the NumPy view's memory. Read-only views (mode R) get a writable alias
+    first, which torch needs to wrap them without its warning (the bodies only read them); a
+    step plan's tasks see the same buffers at every run, so the tensors are kept by address."""
+    key = (a.ctypes.data, a.shape, a.dtype.str)
+    tensor = _tensors.get(key)
+    if tensor is None:
+        if len(_tensors) > 1 << 14:
+            _tensors.clear()
+        if not a.flags.writeable:
+            a = np.ndarray(a.shape, a.dtype, buffer=(ctypes.c_char * a.nbytes).from_address(a.ctypes.data))
+        tensor = _tensors[key] = torch.from_numpy(a)
+    return tensor
+
+
+def _device(a: Any) -> torch.Tensor:
+    return torch.as_tensor(a, device="cuda")
+
+
+def _bodies(fn: Callable[..., None]) -> tuple[Callable[..., None], Callable[..., None]]:
+    """(cpu body, gpu body) of a body written over torch tensors."""
+    def cpu(*arrays: Any, **kwargs: Any) -> None:
+        _one_thread()
+        fn(*[_host(a) for a in arrays], **kwargs)
+
+    def gpu(*arrays: Any, **kwargs: Any) -> None:
+        import cupy
+        with torch.cuda.stream(torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)):
+            fn(*[_device(a) for a in arrays], **kwargs)
+
+    cpu.__name__, gpu.__name__ = fn.__name__.lstrip("_") + "_cpu", fn.__name__.lstrip("_") + "_gpu"
+    return cpu, gpu
+
+
+BODIES: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {}
+
+
+def body(fn: Callable[..., None]) -> Callable[..., None]:
+    """Register a body written over torch tensors: ``BODIES[name] = (cpu body, gpu body)``."""
+    BODIES[fn.__name__.lstrip("_")] = _bodies(fn)
+    return fn
+
+
+def _store(dst: torch.Tensor, value: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        dst.add_(value.reshape(dst.shape))
+    else:
+        dst.copy_(value.reshape(dst.shape))
+
+
+def weight_view(param: torch.Tensor, view: tuple | None) -> torch.Tensor:
+    """The convolution weight a parameter stands for: ``param.permute(perm).reshape(shape)``
+    (e.g. a Tucker factor (C_in, R) as a (R, C_in, 1, 1) 1x1 kernel), or the parameter itself."""
+    if view is None:
+        return param
+    perm, shape = view
+    return param.permute(perm).reshape(shape)
+
+
+def weight_grad(grad: torch.Tensor, param_shape: tuple[int, ...], view: tuple | None) -> torch.Tensor:
+    """The adjoint of ``weight_view``: a kernel-shaped gradient back in the parameter's shape."""
+    if view is None:
+        return grad
+    perm, _ = view
+    permuted = tuple(param_shape[p] for p in perm)
+    inverse = [perm.index(k) for k in range(len(perm))]
+    return grad.reshape(permuted).permute(inverse)
+
+
+# ---------------------------------------------------------------------------------- convolution
+
+@body
+def _conv_forward(x, w, *rest, x_shape, y_shape, w_view, stride, padding, dilation, groups, bias, relu):
+    b, y = (rest[0], rest[1]) if bias else (None, rest[0])
+    out = y.view(y_shape)
+    aten.convolution.out(x.view(x_shape), weight_view(w, w_view), b, stride, padding, dilation, False, [0, 0],
+                         groups, out=out)
+    if relu:
+        out.clamp_min_(0)
+
+
+@body
+def _conv_backward_input(gy, x, w, *rest, x_shape, y_shape, w_view, stride, padding, dilation, groups, relu,
+                         accumulate):
+    """dx of a convolution (``rest``: the output y when a ReLU was fused, then dx; x is read for
+    its shape and layout only)."""
+    y, gx = (rest[0], rest[1]) if relu else (None, rest[0])
+    g = gy.view(y_shape)
+    if relu:
+        g = aten.threshold_backward(g, y.view(y_shape), 0)
+    dx, _, _ = aten.convolution_backward(g, x.view(x_shape), weight_view(w, w_view), None, stride, padding,
+                                         dilation, False, [0, 0], groups, [True, False, False])
+    _store(gx, dx, accumulate)
+
+
+@body
+def _conv_backward_weight(gy, x, w, *rest, x_shape, y_shape, w_view, stride, padding, dilation, groups, relu,
+                          need_w, need_b, accumulate_w, accumulate_b):
+    """This tile's partial gradients of the weight and bias (``rest``: y when a ReLU was fused,
+    then the weight partial if ``need_w``, then the bias partial if ``need_b``)."""
+    rest = list(rest)
+    y = rest.pop(0) if relu else None
+    gw = rest.pop(0) if need_w else None
+    gb = rest.pop(0) if need_b else None
+    g = gy.view(y_shape)
+    if relu:
+        g = aten.threshold_backward(g, y.view(y_shape), 0)
+    weight = weight_view(w, w_view)
+    _, dw, db = aten.convolution_backward(g, x.view(x_shape), weight, [weight.shape[0]] if need_b else None,
+                                         stride, padding, dilation, False, [0, 0], groups, [False, need_w, need_b])
+    if need_w:
+        _store(gw, weight_grad(dw, tuple(w.shape), w_view), accumulate_w)
+    if need_b:
+        _store(gb, db, accumulate_b)
+
+
+# ---------------------------------------------------------------------------------- linear
+
+@body
+def _linear_forward(x, w, *rest, x_shape, bias, relu):
+    b, y = (rest[0], rest[1]) if bias else (None, rest[0])
+    out = y.view(x_shape[0], w.shape[0])
+    if bias:
+        aten.addmm.out(b, x.view(x_shape), w.t(), out=out)
+    else:
+        aten.mm.out(x.view(x_shape), w.t(), out=out)
+    if relu:
+        out.clamp_min_(0)
+
+
+@body
+def _linear_backward_input(gy, w, *rest, relu, accumulate):
+    y, gx = (rest[0], rest[1]) if relu else (None, rest[0])
+    g = gy.view(-1, w.shape[0])
+    if relu:
+        g = aten.threshold_backward(g, y.view(g.shape), 0)
+    _store(gx, g @ w, accumulate)
+
+
+@body
+def _linear_backward_weight(gy, x, *rest, x_shape, out_features, relu, need_w, need_b, accumulate_w, accumulate_b):
+    rest = list(rest)
+    y = rest.pop(0) if relu else None
+    gw = rest.pop(0) if need_w else None
+    gb = rest.pop(0) if need_b else None
+    g = gy.view(x_shape[0], out_features)
+    if relu:
+        g = aten.threshold_backward(g, y.view(g.shape), 0)
+    if need_w:
+        _store(gw, g.t() @ x.view(x_shape), accumulate_w)
+    if need_b:
+        _store(gb, g.sum(0), accumulate_b)
+
+
+# ---------------------------------------------------------------------------------- activations
+
+@body
+def _relu_forward(x, y):
+    torch.clamp_min(x.view(y.shape), 0, out=y)
+
+
+@body
+def _relu_backward(gy, y, gx, *, accumulate):
+    _store(gx, aten.threshold_backward(gy.view(y.shape), y, 0), accumulate)
+
+
+@body
+def _gelu_forward(x, y, *, approximate):
+    aten.gelu.out(x.view(y.shape), approximate=approximate, out=y)
+
+
+@body
+def _gelu_backward(gy, x, gx, *, approximate, accumulate):
+    _store(gx, aten.gelu_backward(gy.view(x.shape), x, approximate=approximate), accumulate)
+
+
+@body
+def _scale_forward(x, mask, y):
+    """Dropout with a mask drawn by torch (already scaled by 1 / (1 - p))."""
+    torch.mul(x.view(y.shape), mask.view(y.shape), out=y)
+
+
+@body
+def _scale_backward(gy, mask, gx, *, accumulate):
+    _store(gx, gy * mask.view(gy.shape), accumulate)
+
+
+# ---------------------------------------------------------------------------------- pooling
+
+@body
+def _maxpool_forward(x, y, indices, *, x_shape, kernel, stride, padding, dilation, ceil_mode):
+    aten.max_pool2d_with_indices.out(x.view(x_shape), kernel, stride, padding, dilation, ceil_mode,
+                                     out=y.view(indices.shape), indices=indices)
+
+
+@body
+def _maxpool_backward(gy, x, indices, gx, *, x_shape, kernel, stride, padding, dilation, ceil_mode, accumulate):
+    dx = aten.max_pool2d_with_indices_backward(gy.view(indices.shape), x.view(x_shape), kernel, stride, padding,
+                                               dilation, ceil_mode, indices)
+    _store(gx, dx, accumulate)
+
+
+@body
+def _avgpool_forward(x, y, *, x_shape, y_shape, kernel, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override):
+    aten.avg_pool2d.out(x.view(x_shape), kernel, stride, padding, ceil_mode, count_include_pad, divisor_override,
+                        out=y.view(y_shape))
+
+
+@body
+def _avgpool_backward(gy, x, gx, *, x_shape, y_shape, kernel, stride, padding, ceil_mode, count_include_pad,
+                      divisor_override, accumulate):
+    dx = aten.avg_pool2d_backward(gy.view(y_shape), x.view(x_shape), kernel, stride, padding, ceil_mode,
+                                  count_include_pad, divisor_override)
+    _store(gx, dx, accumulate)
+
+
+# ---------------------------------------------------------------------------------- joins
+
+@body
+def _add_forward(a, b, y, *, relu):
+    torch.add(a.view(y.shape), b.view(y.shape), out=y)
+    if relu:
+        y.clamp_min_(0)
+
+
+@body
+def _pass_gradient(gy, *rest, relu, accumulate):
+    """A gradient passed on unchanged (an add's inputs), through a fused ReLU's mask."""
+    y, gx = (rest[0], rest[1]) if relu else (None, rest[0])
+    g = aten.threshold_backward(gy, y.view(gy.shape), 0) if relu else gy
+    _store(gx, g, accumulate)
+
+
+@body
+def _cat_forward(*arrays, shapes, y_shape, dim):
+    *xs, y = arrays
+    torch.cat([x.view(s) for x, s in zip(xs, shapes)], dim=dim, out=y.view(y_shape))
+
+
+@body
+def _slice_gradient(gy, gx, *, y_shape, dim, start, stop, accumulate):
+    """One concatenated input's gradient: its slice of the output's."""
+    _store(gx, gy.view(y_shape).narrow(dim, start, stop - start), accumulate)
+
+
+# ---------------------------------------------------------------------------------- batch norm
+
+@body
+def _bn_partial(x, part, *, x_shape):
+    """This tile's per-channel (count, mean, M2) in float64: part = [count, mean (C), M2 (C)]."""
+    xs = x.view(x_shape).to(torch.float64)
+    c = x_shape[1]
+    count = xs.numel() // c
+    mean = xs.mean(dim=(0, 2, 3))
+    m2 = ((xs - mean.view(1, c, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    part[0] = count
+    part[1:1 + c] = mean
+    part[1 + c:] = m2
+
+
+@body
+def _bn_combine(other, part):
+    """part <- the statistics of both partials' samples (Chan et al.'s pairwise update)."""
+    c = (part.shape[0] - 1) // 2
+    na, nb = part[0].item(), other[0].item()
+    n = na + nb
+    delta = other[1:1 + c] - part[1:1 + c]
+    part[1:1 + c] += delta * (nb / n)
+    part[1 + c:] += other[1 + c:] + delta * delta * (na * nb / n)
+    part[0] = n
+
+
+@body
+def _bn_finalize(part, factor, stats, *running, eps, track):
+    """stats = [mean, invstd] in the data's dtype; running mean/var updated as torch does
+    (``factor``: the momentum, or 1/num_batches_tracked when momentum is None; unbiased var)."""
+    c = stats.shape[0] // 2
+    n = part[0].item()
+    mean, var = part[1:1 + c], part[1 + c:] / n
+    stats[:c] = mean
+    stats[c:] = 1.0 / torch.sqrt(var + eps)
+    if track:
+        rm, rv = running
+        f = factor[0].item()
+        rm.mul_(1 - f).add_(mean.to(rm.dtype), alpha=f)
+        rv.mul_(1 - f).add_((part[1 + c:] / max(n - 1, 1)).to(rv.dtype), alpha=f)
+
+
+@body
+def _bn_eval_stats(rm, rv, stats, *, eps):
+    c = stats.shape[0] // 2
+    stats[:c] = rm
+    stats[c:] = 1.0 / torch.sqrt(rv + eps)
+
+
+@body
+def _bn_normalize(x, stats, *rest, x_shape, affine, relu):
+    """y = (x - mean) * invstd * w + b as torch's CPU kernel forms it (x * alpha + beta)."""
+    w, b, y = (rest[0], rest[1], rest[2]) if affine else (None, None, rest[0])
+    c = x_shape[1]
+    alpha = stats[c:] * w if affine else stats[c:]
+    beta = (b - stats[:c] * alpha) if affine else -stats[:c] * alpha
+    out = y.view(x_shape)
+    torch.addcmul(beta.view(1, c, 1, 1), x.view(x_shape), alpha.view(1, c, 1, 1), out=out)
+    if relu:
+        out.clamp_min_(0)
+
+
+@body
+def _bn_backward_partial(gy, x, stats, *rest, x_shape, relu):
+    """This tile's per-channel [sum(dy), sum(dy * xhat)] in float64 (``rest``: y if a ReLU was
+    fused, then the partial)."""
+    y, part = (rest[0], rest[1]) if relu else (None, rest[0])
+    c = x_shape[1]
+    g = gy.view(x_shape)
+    if relu:
+        g = aten.threshold_backward(g, y.view(x_shape), 0)
+    g = g.to(torch.float64)
+    xhat = (x.view(x_shape).to(torch.float64) - stats[:c].view(1, c, 1, 1).to(torch.float64)) \
+        * stats[c:].view(1, c, 1, 1).to(torch.float64)
+    part[:c] = g.sum(dim=(0, 2, 3))
+    part[c:] = (g * xhat).sum(dim=(0, 2, 3))
+
+
+@body
+def _bn_backward_input(gy, x, stats, sums, *rest, x_shape, count, affine, relu, training, accumulate):
+    """dx of batch norm: with batch statistics (training) or the running ones (eval)."""
+    rest = list(rest)
+    y = rest.pop(0) if relu else None
+    w = rest.pop(0) if affine else None
+    gx = rest.pop(0)
+    c = x_shape[1]
+    g = gy.view(x_shape)
+    if relu:
+        g = aten.threshold_backward(g, y.view(x_shape), 0)
+    invstd = stats[c:].view(1, c, 1, 1)
+    scale = invstd * w.view(1, c, 1, 1) if affine else invstd
+    if training:
+        xhat = (x.view(x_shape) - stats[:c].view(1, c, 1, 1)) * invstd
+        sum_dy = sums[:c].to(g.dtype).view(1, c, 1, 1)
+        sum_dy_xhat = sums[c:].to(g.dtype).view(1, c, 1, 1)
+        dx = scale * (g - sum_dy / count - xhat * (sum_dy_xhat / count))
+    else:
+        dx = g * scale
+    _store(gx, dx, accumulate)
+
+
+@body
+def _bn_param_grads(sums, *grads, need_w, need_b, accumulate_w, accumulate_b):
+    """dweight = sum(dy * xhat), dbias = sum(dy), from the reduced sums."""
+    c = sums.shape[0] // 2
+    grads = list(grads)
+    if need_w:
+        _store(grads.pop(0), sums[c:], accumulate_w)
+    if need_b:
+        _store(grads.pop(0), sums[:c], accumulate_b)
+
+
+@body
+def _add_into(a, out):
+    out.add_(a)
+
+
+@body
+def _copy(a, out):
+    out.copy_(a.view(out.shape))
+
+
