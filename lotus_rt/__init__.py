@@ -65,7 +65,7 @@ def trace(clear: bool = False) -> list[TaskRecord]:
     return runtime().trace(clear=clear)
 
 
-_NN_NAMES = ("TTLinear", "TuckerConv2d", "CPConv2d", "tensorize", "offload")
+_NN_NAMES = ("TTLinear", "TuckerConv2d", "CPConv2d", "tensorize", "tensorize_group", "offload")
 
 
 def __getattr__(name: str):

@@ -1,6 +1,8 @@
 """``lotus-rt`` command line: the main job, runtime checks, benchmarks and traces.
 
     lotus-rt demo [--epochs 2]                  # MNIST CNN: dense, then tensorized on StarPU
+    lotus-rt train --model resnet20 --data mnist --tensorize group   # dense, tensorized, offloaded
+    lotus-rt cp-stability                       # plain vs stable CP of one layer, loss curves
     lotus-rt gemm [--size 1536] [--tile 256]    # tiled GEMM DAG over every StarPU worker
     lotus-rt info                               # StarPU, workers, policy, perf models, settings
     lotus-rt mps [--bond-dim 20] [--sweep realspace]   # MPS classifier trained by DMRG sweeps
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--rank", type=float, default=0.15, help="fraction of each layer's parameters kept")
     p_demo.add_argument("--out", default="demo_out", help="folder for the Gantt chart")
     p_demo.add_argument("--seed", type=int, default=0)
+    p_train = sub.add_parser("train", help="train a model dense, then tensorized (per layer, group, whole "
+                                           "model) and offloaded; JSON + PNG per run")
+    p_cp = sub.add_parser("cp-stability", help="one AlexNet conv as CP: plain CP-ALS vs stable CP, loss curves")
     p_gemm = sub.add_parser("gemm", help="tiled GEMM DAG on every worker, checked against numpy")
     p_gemm.add_argument("--size", type=int, default=1536)
     p_gemm.add_argument("--tile", type=int, default=256)
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after it belongs to the suite, options included
         return bench(argv[1:])
+    if argv[:1] in (["train"], ["cp-stability"]):  # their options need lotus_rt.train, hence torch
+        _add_train_arguments(p_train, p_cp)
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
@@ -184,7 +191,54 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _add_train_arguments(p: argparse.ArgumentParser, p_cp: argparse.ArgumentParser) -> None:
+    from lotus_rt import train
+    p.add_argument("--model", choices=train.MODELS, default="alexnet")
+    p.add_argument("--data", choices=train.DATASETS, default="mnist")
+    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py (default: LOTUS_DATA_DIR)")
+    p.add_argument("--tensorize", choices=train.MODES, default="none")
+    p.add_argument("--format", choices=train.FORMATS, default="tucker", help="format of the group networks")
+    p.add_argument("--rank", action="append", type=train.parse_rank, default=None,
+                   help="fraction (0.1), rank (8) or per-mode ranks (2,8,8,3,3); once for every group, or once "
+                        "per group of the mode (default: lotus_rt.train.DEFAULT_RANKS)")
+    p.add_argument("--epochs", type=int, default=3, help="dense training epochs")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="after tensorizing (default: --epochs)")
+    p.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS), default="adam")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for adam, 0.02 for sgd")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--train-size", type=int, default=None, help="first N training images of a seeded shuffle")
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--no-offload", action="store_true", help="fine-tune the tensorized model in torch eager")
+    p.add_argument("--no-dense-baseline", action="store_true",
+                   help="skip training a dense copy for the fine-tuning epochs too")
+    p.add_argument("--out", default="train_out")
+    p.add_argument("--seed", type=int, default=0)
+    p = p_cp
+    p.add_argument("--layer", default="6")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=3, help="dense training epochs")
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS), default="sgd")
+    p.add_argument("--lr", type=float, action="append", default=None, help="repeat for several (default 0.01 0.02 0.035)")
+    p.add_argument("--out", default="train_out")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("train", "cp-stability"):
+        from lotus_rt import train
+        try:
+            if args.command == "cp-stability":
+                train.compare_cp(args.layer, args.rank, args.epochs, args.finetune_epochs, args.optimizer,
+                                 args.lr or (0.01, 0.02, 0.035), out=args.out, seed=args.seed)
+                return 0
+            train.run(args.model, args.data, args.tensorize, args.rank, args.format, args.epochs, args.finetune_epochs,
+                      args.optimizer, args.lr, args.batch, args.train_size, args.test_size, args.data_dir, args.out,
+                      args.seed, offloaded=not args.no_offload, continue_dense=not args.no_dense_baseline)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"lotus-rt {args.command}: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo":
         from lotus_rt import demo
         return demo.run(args.epochs, args.batch, args.rank, out=args.out, seed=args.seed)

@@ -24,23 +24,13 @@ from torch import nn
 import lotus_rt
 from lotus_rt import data
 from lotus_rt.nn.convert import offloaded_layers
+from lotus_rt.nn.models import small_alexnet  # noqa: F401  (the demo's model; lotus_rt.demo.small_alexnet)
 from lotus_rt.runtime.tracing import gantt_png
 
 
 def load_mnist(test_fraction: float = 0.2, seed: int = 0):
     """(x_train, y_train, x_test, y_test) as torch tensors (N, 1, 28, 28) in [0, 1] (lotus_rt.data)."""
     return data.mnist(test_fraction, seed, as_torch=True)
-
-
-def small_alexnet() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),      # 28 -> 14
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),     # 14 -> 7
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
 
 
 @dataclass

@@ -18,6 +18,11 @@ Pure NumPy: every decomposition works in float64 and returns arrays of the input
   N-way tensor, and of a Linear weight W (out, in) into a TT-matrix (MPO) whose core ``G_k`` has
   shape ``(r_{k-1}, in_k, out_k, r_k)``, r_0 = r_d = 1 (layout in ``ttsvd.py``).
 
+- groups of layers (``group.py``): kernels stacked along a "layer" mode, zero padded with a
+  mask (``stack_kernels``), masked Tucker / TT / CP fits (``masked_tucker``, ``masked_tt``,
+  ``masked_cp``: EM imputation), budget ranks spread by energy (``group_*_ranks``), and the
+  stable CP of Phan et al. 2020 (``cp_sensitivity``, ``cp_correct``, ``cp_stable``).
+
 Rank helpers turn a user's rank into concrete ranks: ``tucker_ranks`` (int or one per mode),
 ``tucker2_ranks`` (int, fraction of the dense parameter count, an (R_in, R_out) pair, or "vbmf":
 Empirical Variational Bayesian Matrix Factorization of the unfoldings, Nakajima et al. 2013,
@@ -51,10 +56,16 @@ from .ttsvd import reconstruct_tt, reconstruct_tt_matrix, tt, tt_matrix, tt_rank
 from .hooi import (reconstruct_tucker, reconstruct_tucker2, tucker, tucker2, tucker2_core, tucker2_ranks,
                      tucker_modes, tucker_ranks)
 from .vbmf import _evb_tau, vbmf_noise_variance, vbmf_rank  # noqa: F401  (_evb_tau: tested directly)
+from .group import (block, cp_correct, cp_sensitivity, cp_stable, group_cp_rank, group_tt_ranks,
+                    group_tucker_ranks, masked_cp, masked_error, masked_tt, masked_tucker, stack_kernels,
+                    tt_max_ranks)
 
 __all__ = [
     "tucker", "tucker2", "cp", "cp_als", "tt", "tt_matrix",
     "tucker_ranks", "tucker_modes", "tucker2_ranks", "cp_rank", "tt_ranks", "vbmf_rank", "vbmf_noise_variance",
     "reconstruct_tucker", "reconstruct_tucker2", "tucker2_core", "reconstruct_cp", "reconstruct_tt",
     "reconstruct_tt_matrix", "relative_error", "RankSpec",
+    # groups of layers (group.py)
+    "stack_kernels", "block", "masked_error", "masked_tucker", "masked_tt", "masked_cp", "group_tucker_ranks",
+    "group_tt_ranks", "group_cp_rank", "tt_max_ranks", "cp_sensitivity", "cp_correct", "cp_stable",
 ]

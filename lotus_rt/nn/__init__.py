@@ -6,7 +6,9 @@
     torch.Size([2, 16, 10, 10])
 """
 from lotus_rt.nn.convert import LayerReport, offload, offloaded_layers, tensorize
+from lotus_rt.nn.group import GroupConv2d, GroupLinear, SharedNetwork, tensorize_group
 from lotus_rt.nn.modules import CPConv2d, OffloadedConv2d, OffloadedLinear, TTLinear, TuckerConv2d
 
 __all__ = ["TTLinear", "TuckerConv2d", "CPConv2d", "OffloadedLinear", "OffloadedConv2d",
-           "tensorize", "offload", "offloaded_layers", "LayerReport"]
+           "tensorize", "offload", "offloaded_layers", "LayerReport",
+           "tensorize_group", "SharedNetwork", "GroupConv2d", "GroupLinear"]

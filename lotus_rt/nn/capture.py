@@ -30,9 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lotus_rt.graph.ir import Graph, Op
+from lotus_rt.nn.group import GROUP_LAYERS
 from lotus_rt.nn.modules import CPConv2d, OffloadedConv2d, OffloadedLinear, TTLinear, TuckerConv2d
 
-LEAVES = (TTLinear, TuckerConv2d, CPConv2d)
+# The layers of a tensorize_group network are leaves too: not lowered into regions, they run
+# between them as their own task DAGs (offload switches them like any tensorized layer).
+LEAVES = (TTLinear, TuckerConv2d, CPConv2d, *GROUP_LAYERS)
 
 
 class _Tracer(fx.Tracer):
@@ -130,6 +133,8 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Why ``node`` cannot be lowered (None: it can). Shape-dependent checks come later."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
+        if isinstance(module, GROUP_LAYERS):
+            return f"module {node.target} ({type(module).__name__} of a shared network: its own task DAG)"
         if type(module) not in MODULES and not isinstance(module, (OffloadedConv2d, OffloadedLinear)):
             return f"module {node.target} ({type(module).__name__})"
         if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
@@ -184,7 +189,8 @@ def partition(gm: fx.GraphModule) -> Partition:
         else:
             current = None
             steps.append(node)
-            kept.append(reason)
+            if not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), GROUP_LAYERS)):
+                kept.append(reason)  # (a group layer is not kept in torch: it runs as its own task DAG)
     for step in steps:
         if isinstance(step, Region):
             _connect(step)

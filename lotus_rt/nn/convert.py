@@ -23,10 +23,11 @@ from typing import Iterable
 
 from torch import nn
 
+from lotus_rt.nn.group import GROUP_LAYERS
 from lotus_rt.nn.modules import (CPConv2d, OffloadedConv2d, OffloadedLinear, TTLinear, TuckerConv2d,
                                  _FactorizedConv2d)
 
-TENSORIZED = (TTLinear, TuckerConv2d, CPConv2d)
+TENSORIZED = (TTLinear, TuckerConv2d, CPConv2d, *GROUP_LAYERS)  # GROUP_LAYERS: views of a tensorize_group network
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def offloaded_layers(model: nn.Module) -> list[str]:
     in_graph = whole.region_modules() if whole is not None else []
     one_by_one = [name for name, m in model.named_modules()
                   if isinstance(m, (OffloadedLinear, OffloadedConv2d))
-                  or (isinstance(m, (TTLinear, _FactorizedConv2d)) and m.offloaded)]
+                  or (isinstance(m, (TTLinear, _FactorizedConv2d, *GROUP_LAYERS)) and m.offloaded)]
     return in_graph + [n for n in one_by_one if n not in in_graph]
 
 

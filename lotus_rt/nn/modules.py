@@ -222,12 +222,15 @@ class CPConv2d(_FactorizedConv2d):
                                 conv=self.geometry, bias=bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank) -> "CPConv2d":
-        """CP (ALS with a ridge term) of a dense convolution's weight."""
+    def from_conv(cls, conv: nn.Conv2d, rank, stable: bool = False, ridge: float = 1e-6) -> "CPConv2d":
+        """CP (ALS with a ridge term; ``ridge=0``: plain ALS) of a dense convolution's weight;
+        ``stable=True`` adds the minimal-sensitivity correction of Phan et al. 2020 at the ALS
+        error (``decompose.cp_stable``)."""
         _check_convertible(conv)
         weight = conv.weight.detach().cpu().numpy()
         r = decompose.cp_rank(weight.shape, rank)
-        factors = decompose.cp(weight, r)  # (A_out, A_in, A_h, A_w)
+        # (A_out, A_in, A_h, A_w)
+        factors = decompose.cp_stable(weight, r, ridge=ridge) if stable else decompose.cp(weight, r, ridge=ridge)
         layer = cls._shaped_like(conv, r)
         a_out, a_in, a_h, a_w = factors
         _load(layer, ((layer.factor_out, a_out), (layer.factor_in, a_in), (layer.factor_h, a_h),

@@ -45,7 +45,7 @@ OPENMP_VARS = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")
 OTHER_VARS = ("HOME",) + ALLOCATOR_VARS + OPENMP_VARS
 
 # Knobs a running runtime can change (Runtime.reconfigure); the others need a restart.
-LIVE_KNOBS = ("optimize", "tile", "fuse", "precision", "idle_pause")
+LIVE_KNOBS = ("optimize", "tile", "fuse", "precision", "idle_pause", "data_dir")
 
 
 def path_optimizers() -> tuple[str, ...]:
@@ -72,6 +72,7 @@ class Settings:
     fuse: str = "auto"  # small layers as one forward and one backward task: auto, on, off
     precision: str = "auto"  # GPU GEMMs of float32 data: auto or one of PRECISIONS
     heap: str = "keep"  # allocator thresholds fixed at runtime start (heap.py), or "system"
+    data_dir: str | None = None  # where lotus_rt.data looks for data sets (e.g. cifar-10-batches-py)
     explicit: frozenset = frozenset()
     outside: Mapping[str, str] = field(default_factory=dict, compare=False)
 
@@ -93,6 +94,7 @@ class Settings:
             "LOTUS_PRECISION": self.precision if self.precision != "auto" else
             "auto (GPU GEMMs: tf32 with compute capability >= 8.0, else fp32)",
             "LOTUS_HEAP": self.heap,
+            "LOTUS_DATA_DIR": self.data_dir or "(none: data sets only where a program is told)",
         }
         return {name: value + ("" if name in self.explicit else " (default)") for name, value in in_force.items()}
 
@@ -157,6 +159,7 @@ def read_settings(env: Mapping[str, str] | None = None) -> Settings:
         fuse=_choice(env, "LOTUS_FUSE", FUSE_MODES) or Settings.fuse,
         precision=_choice(env, "LOTUS_PRECISION", ("auto",) + PRECISIONS) or Settings.precision,
         heap=_choice(env, "LOTUS_HEAP", HEAP_MODES) or Settings.heap,
+        data_dir=env.get("LOTUS_DATA_DIR") or None,
         explicit=frozenset(k for k, v in env.items() if k.startswith("LOTUS_") and v != ""),
         outside={k: v for k, v in env.items() if k.startswith("STARPU_") or k in OTHER_VARS},
     )
