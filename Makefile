@@ -3,7 +3,7 @@ PYTHON ?= python3
 
 STAMP := .deps-stamp
 # Changing any of these reinstalls the package (and so recompiles the StarPU binding).
-STAMP_INPUTS := setup.py pyproject.toml lotus_rt/starpu/_build.py lotus_rt/starpu/_shim.c
+STAMP_INPUTS := setup.py pyproject.toml lotus_rt/starpu/_build.py lotus_rt/starpu/_shim.c lotus_rt/starpu/_mpi_shim.c
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 TORCH_PIN := torch==2.13.0
 # Exits 0 when the lotus_rt that $(PYTHON) imports (from outside the repo) is this checkout's.
