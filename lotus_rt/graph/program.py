@@ -13,7 +13,7 @@ must stay where they are (``matches`` tells whether a program still fits the cal
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -43,6 +43,9 @@ class Program:
         self.lowering = Lowering(self.rt, graph, self.tiles, list(params), list(buffers), training,
                                  self.input_grads)
         self.with_backward = bool(self.lowering.needs)
+        # Called with this program after its backward plan is submitted and before the wait: more
+        # tasks for the same step graph (lotus_rt.distributed's cross-rank gradient reduction).
+        self.on_backward: Callable[["Program"], None] | None = None
         self._forward: StepPlan | None = None
         self._backward: StepPlan | None = None
         try:
@@ -100,7 +103,11 @@ class Program:
                 else:
                     target[...] = g[start:stop].reshape(stop - start, -1)
         self._backward.run()
-        self.rt.wait()
+        try:
+            if self.on_backward is not None:
+                self.on_backward(self)
+        finally:
+            self.rt.wait()
         input_grads = [self._gather(lw.grad_array, v) if wanted else None
                        for v, wanted in zip(self.graph.inputs, self.input_grads)]
         param_grads = []

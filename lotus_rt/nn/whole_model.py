@@ -99,6 +99,7 @@ class RegionRunner:
         self.pools: dict[tuple, _Pool] = {}
         self.graphs: dict[tuple, capture.RegionGraph] = {}
         self.device = torch.device("cpu")
+        self.on_backward: Any = None  # given to every program (Program.on_backward)
 
     def wrap(self, array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array).to(self.device)
@@ -142,6 +143,7 @@ class RegionRunner:
             nworkers = sum(kind == "cpu" for kind, _ in runtime().workers) or 1
             tiles = tile_ranges(batch, TILES_PER_WORKER * nworkers, runtime().settings.tile)
             program = Program(rg.graph, batch, param_arrays, buffer_arrays, training, list(input_grads), tiles)
+        program.on_backward = self.on_backward
         masks = self._dropout_masks(rg, inputs[0].dtype)
         factors = self._batchnorm_factors(rg)
         outputs = program.forward([_array(x.contiguous()) for x in inputs], masks, factors)
