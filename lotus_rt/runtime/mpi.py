@@ -297,7 +297,7 @@ def _install_abort_hook() -> None:
     def hook(kind, value, tb):
         previous(kind, value, tb)
         world = _world
-        if world is not None and not world.closed and world.size > 1:
+        if world is not None and not world.closed:
             world.abort(1, f"uncaught {kind.__name__}: ending every rank (MPI_Abort)")
 
     sys.excepthook = hook
