@@ -31,6 +31,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "ncpu": ("benchmarks.ncpu", "STARPU_NCPU = 1..cores: speedup and parallel efficiency"),
     "tiles": ("benchmarks.tiles", "tile-size sweep of a tiled GEMM and a TT einsum vs untiled"),
     "hetero": ("benchmarks.hetero", "policies x worker mixes (cpu, gpu, hybrid): GEMM DAG, TT and Tucker steps"),
+    "distributed": ("benchmarks.distributed_bench", "data-parallel step at 1, 2, 4 ranks: StarPU-MPI vs torch DDP (gloo)"),
 }
 
 

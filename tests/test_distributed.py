@@ -46,7 +46,8 @@ needs_mpi = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 
 
 def rank_env() -> dict[str, str]:
-    env = dict(os.environ, STARPU_NCPU="1", STARPU_WORKERS_NOBIND="1", STARPU_SILENT="1")
+    env = dict(os.environ, STARPU_NCPU="1", STARPU_WORKERS_NOBIND="1", STARPU_SILENT="1",
+               OMPI_MCA_mpi_yield_when_idle="1")
     env["PYTHONPATH"] = python_path(env.get("PYTHONPATH"))
     env.pop("LOTUS_ENGINE", None)
     return env

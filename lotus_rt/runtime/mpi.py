@@ -43,6 +43,13 @@ REDUX_DTYPES = {np.dtype(np.float64): 0, np.dtype(np.float32): 1, np.dtype(np.in
 AUTO_TAG_BASE = 1 << 32  # tags given out by register(); explicit tags stay below
 
 
+def _touch(array: np.ndarray) -> None:
+    """Reads nothing: a task that makes StarPU-MPI bring its data to the rank running it."""
+
+
+_TOUCH = Codelet("mpi_get", cpu=_touch, cuda=_touch)
+
+
 class World:
     """StarPU-MPI ranks on one communicator (see the module docstring)."""
 
@@ -133,12 +140,18 @@ class World:
         self._lib.lotus_mpi_redux(handle._ref, check_priority(priority))
 
     def get(self, handle: Handle, rank: int | None = None) -> None:
-        """Send the data from its owner to ``rank`` (None: to every rank). Every rank calls it;
-        the copy is valid once ``handle.acquire()`` or ``unregister()`` returns."""
+        """Bring the data from its owner to ``rank`` (None: to every rank). Every rank calls it;
+        the copy is valid once ``handle.acquire()`` or ``unregister()`` returns. It is a task
+        reading the data on each receiving rank (StarPU-MPI moves it there), so that waiting for
+        that rank's tasks also waits for the message (see _mpi_shim.c on StarPU 1.3's barrier)."""
         self._check_open()
         if handle not in self._data:
             raise ValueError(f"get(): {handle!r} has no owner rank: register it with this World")
-        self._lib.lotus_mpi_get_data(handle._ref, -1 if rank is None else self._check_owner(rank))
+        owner = self._data[handle][0]
+        targets = range(self.size) if rank is None else [self._check_owner(rank)]
+        for r in targets:
+            if r != owner:
+                self.submit(_TOUCH, (handle, "R"), execute_on=r, name="get")
 
     def flush(self, handle: Handle) -> None:
         """Forget the copies of this data that earlier tasks sent or received (collective): the

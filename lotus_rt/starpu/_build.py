@@ -115,7 +115,6 @@ void lotus_mpi_data_register(void *handle, int64_t tag, int owner);
 int lotus_mpi_data_owner(void *handle);
 int64_t lotus_mpi_data_tag(void *handle);
 void lotus_mpi_cache_flush(void *handle);
-void lotus_mpi_get_data(void *handle, int node);
 int lotus_mpi_set_redux_sum(void *handle, int dtype);
 void lotus_mpi_redux(void *handle, int priority);
 lotus_rec *lotus_mpi_submit(lotus_codelet *c, void **handles, int *modes, int n, int priority,

@@ -15,6 +15,16 @@
  * "waiter" (lotus_waiting_all), and redux, which submits tasks of its own that lotus does not
  * count, keeps one outstanding count for its whole duration so the workers never pause inside.
  *
+ * StarPU-MPI 1.3.10's barrier (starpu_mpi_barrier, starpu_mpi_wait_for_all, starpu_mpi_shutdown)
+ * waits for the requests it counts, then blocks its progression thread in MPI_Barrier; a detached
+ * receive still waiting for its envelope is not counted. If its data is above the eager limit,
+ * the sender's rendezvous can only complete once the receiver posts MPI_Irecv, which its
+ * progression thread never does from inside MPI_Barrier: both ranks hang (seen here with
+ * starpu_mpi_get_data_on_all_nodes_detached + starpu_mpi_wait_for_all of 200 KB and more, in
+ * plain C too). So the binding exposes no bare receive: every transfer it starts is consumed by a
+ * task (lotus_mpi_submit), and waiting for this rank's tasks (done before each barrier) then
+ * waits for its receives.
+ *
  * Reductions. lotus_mpi_set_redux_sum() gives a handle C init (zero) and redux (dst += src)
  * codelets for its dtype, so that tasks may access it in STARPU_REDUX mode and
  * starpu_mpi_redux_data() can sum every rank's contribution on the owner. StarPU 1.3's
@@ -107,16 +117,6 @@ static int64_t lotus_mpi_data_tag(void *handle) { return (int64_t)starpu_mpi_dat
 /* Forget the copies of this data received or sent by earlier tasks (collective). */
 static void lotus_mpi_cache_flush(void *handle) { starpu_mpi_cache_flush(lotus_mpi_comm, (starpu_data_handle_t)handle); }
 
-/* Send the data from its owner to `node` (-1: to every rank); the receivers' copies become
- * valid when the message arrives (acquire or unregister the handle to wait for it). */
-static void lotus_mpi_get_data(void *handle, int node)
-{
-    if (node < 0)
-        starpu_mpi_get_data_on_all_nodes_detached(lotus_mpi_comm, (starpu_data_handle_t)handle);
-    else
-        starpu_mpi_get_data_on_node_detached(lotus_mpi_comm, (starpu_data_handle_t)handle, node, NULL, NULL);
-}
-
 /* ---------------------------------------------------------------- sum reductions */
 
 #define LOTUS_SUM_KERNELS(SUFFIX, TYPE)                                                  \
@@ -192,6 +192,33 @@ static void lotus_mpi_redux(void *handle, int priority)
 
 /* ---------------------------------------------------------------- tasks */
 
+/* A counted no-op task reading `handle`: on an owner that did not run a task writing its data,
+ * it orders this rank's task wait after the receive of the result (see the barrier note above). */
+static void lotus_noop(void *buffers[], void *arg) { (void)buffers; (void)arg; }
+static struct starpu_codelet lotus_touch_cl;
+static int lotus_touch_ready = 0;
+
+static void lotus_touch_done(void *arg) { (void)arg; lotus_count_done(); }
+
+static void lotus_touch(starpu_data_handle_t handle)
+{
+    struct starpu_task *task;
+    if (!lotus_touch_ready) {
+        starpu_codelet_init(&lotus_touch_cl);
+        lotus_touch_cl.cpu_funcs[0] = lotus_noop;
+        lotus_touch_cl.nbuffers = 1;
+        lotus_touch_cl.modes[0] = STARPU_R;
+        lotus_touch_cl.name = "lotus_mpi_receive";
+        lotus_touch_ready = 1;
+    }
+    task = starpu_task_create();
+    task->cl = &lotus_touch_cl;
+    task->handles[0] = handle;
+    task->callback_func = lotus_touch_done;
+    lotus_count_submit();
+    if (starpu_task_submit(task) != 0) lotus_count_done();
+}
+
 /* Owner-computes insertion (starpu_mpi_task_build / submit / starpu_mpi_task_post_build).
  * execute_on >= 0 names the rank that runs the task; -1 lets StarPU-MPI pick the owner of the
  * written data. Returns the task's record when this rank runs it (*executed = 1), NULL with
@@ -247,6 +274,12 @@ static struct lotus_rec *lotus_mpi_submit(struct lotus_codelet *c, void **handle
     else
         starpu_mpi_task_post_build(lotus_mpi_comm, &c->cl, LOTUS_MPI_ARGS, 0);
 #undef LOTUS_MPI_ARGS
+    if (*executed == 0) {  /* data this rank owns, written elsewhere, comes back here */
+        int me = lotus_mpi_rank();
+        for (i = 0; i < n; i++)
+            if ((modes[i] & STARPU_W) && starpu_mpi_data_get_rank(descrs[i].handle) == me)
+                lotus_touch(descrs[i].handle);
+    }
     return rec;
 }
 
