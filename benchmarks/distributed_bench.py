@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 10; quick 3)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None, help="rounds per configuration (default 2; quick 1)")
-    p.add_argument("--modes", default="strong,weak")
+    p.add_argument("--modes", default=None, help="strong,weak (default; quick: strong)")
     p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args(argv)
     q = args.quick
@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if q else 10)
     repeats = args.repeats or (1 if q else 2)
     warmup = 1 if q and args.warmup == 3 else args.warmup
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in (args.modes or ("strong" if q else "strong,weak")).split(",") if m]
+    if not modes or set(modes) - {"strong", "weak"}:
+        print(f"distributed: --modes {args.modes!r}: choose among strong, weak", file=sys.stderr)
+        return 2
     if shutil.which("mpirun") is None:
         print("distributed: mpirun not found (make deps installs OpenMPI)", file=sys.stderr)
         return 2

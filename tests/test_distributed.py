@@ -14,34 +14,19 @@ import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, python_path
+from conftest import REPO_ROOT, mpi_skip_reason, python_path
 
 CHECKS = REPO_ROOT / "tests" / "distributed_checks.py"
 NPARAMS = 6  # the data-parallel model: three Linear layers, weight and bias each
 
 
-def _skip_reason() -> str | None:
-    if shutil.which("mpirun") is None or shutil.which("timeout") is None:
-        return "mpirun (openmpi-bin) or coreutils timeout is not installed; `make deps` installs OpenMPI"
-    from lotus_rt.starpu.mpi import mpi_available
-    if not mpi_available():
-        from lotus_rt.errors import StarPUUnavailable
-        from lotus_rt.starpu.mpi import load_mpi
-        try:
-            load_mpi()
-        except StarPUUnavailable as exc:
-            return str(exc)
-    return None
-
-
-SKIP_REASON = _skip_reason()
+SKIP_REASON = mpi_skip_reason()
 needs_mpi = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 
 
@@ -198,3 +183,10 @@ def test_without_starpu_mpi_the_error_names_what_is_missing(monkeypatch):
         assert not binding.mpi_available()
     finally:
         binding.load_mpi.cache_clear()
+
+
+def test_launch_refuses_a_missing_command_or_rank_count(run_py):
+    proc = run_py("import sys, lotus_rt.cli as c; sys.exit(c.main(['launch', '-n', '2']))")
+    assert proc.returncode == 2 and "give the command after --" in proc.stderr
+    proc = run_py("import sys, lotus_rt.cli as c; sys.exit(c.main(['launch', '-n', '0', '--', 'true']))")
+    assert proc.returncode == 2 and "-n must be at least 1" in proc.stderr

@@ -38,6 +38,7 @@
 
 static MPI_Comm lotus_mpi_comm;
 static int lotus_mpi_started = 0;
+static int lotus_mpi_me = -1, lotus_mpi_nranks = 0;  /* asked of MPI once, at init */
 
 static int lotus_mpi_initialized(void)
 {
@@ -65,8 +66,10 @@ static int lotus_mpi_init(void *comm, int *rank, int *size)
     if (comm && !lotus_mpi_initialized()) return -EINVAL;  /* a communicator needs MPI running */
     ret = starpu_mpi_init_comm(NULL, NULL, !lotus_mpi_initialized(), lotus_mpi_comm);
     if (ret != 0) return ret;
-    starpu_mpi_comm_rank(lotus_mpi_comm, rank);
-    starpu_mpi_comm_size(lotus_mpi_comm, size);
+    starpu_mpi_comm_rank(lotus_mpi_comm, &lotus_mpi_me);
+    starpu_mpi_comm_size(lotus_mpi_comm, &lotus_mpi_nranks);
+    *rank = lotus_mpi_me;
+    *size = lotus_mpi_nranks;
     lotus_mpi_started = 1;
     return 0;
 }
@@ -88,19 +91,8 @@ static int lotus_mpi_shutdown(void)
     return 0;
 }
 
-static int lotus_mpi_rank(void)
-{
-    int rank = -1;
-    if (lotus_mpi_started) starpu_mpi_comm_rank(lotus_mpi_comm, &rank);
-    return rank;
-}
-
-static int lotus_mpi_size(void)
-{
-    int size = 0;
-    if (lotus_mpi_started) starpu_mpi_comm_size(lotus_mpi_comm, &size);
-    return size;
-}
+static int lotus_mpi_rank(void) { return lotus_mpi_started ? lotus_mpi_me : -1; }
+static int lotus_mpi_size(void) { return lotus_mpi_started ? lotus_mpi_nranks : 0; }
 
 static int lotus_mode_redux(void) { return STARPU_REDUX; }
 
