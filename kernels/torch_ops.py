@@ -7,8 +7,8 @@ CuPy arrays, on StarPU's stream) and call the ATen kernels torch itself uses: on
 and pooling on the CPU, cuDNN/cuBLAS on the GPU. A CPU body runs torch with one intra-op thread
 (set once per worker thread): StarPU's workers are the parallelism.
 
-Every body is written once over torch tensors (``_conv_forward``, ...) and exposed twice,
-``*_cpu`` and ``*_gpu``, by ``_bodies``. Arrays arrive in the order of the task's handles with the
+Every body is written once over torch tensors (``_conv_forward``, ...) and registered by
+``@body`` in ``BODIES`` as a (CPU body, GPU body) pair under its name ("conv_forward", ...). Arrays arrive in the order of the task's handles with the
 storage shape they were registered with; each body reshapes them to the shapes it is given
 (``x_shape``...), so a value can be stored in the shape its pickiest consumer wants. Bodies that
 add into a gradient buffer (``accumulate=True``) do ``+=``, else they overwrite it.
@@ -73,6 +73,15 @@ def _bodies(fn: Callable[..., None]) -> tuple[Callable[..., None], Callable[...,
     return cpu, gpu
 
 
+BODIES: dict[str, tuple[Callable[..., None], Callable[..., None]]] = {}
+
+
+def body(fn: Callable[..., None]) -> Callable[..., None]:
+    """Register a body written over torch tensors: ``BODIES[name] = (cpu body, gpu body)``."""
+    BODIES[fn.__name__.lstrip("_")] = _bodies(fn)
+    return fn
+
+
 def _store(dst: torch.Tensor, value: torch.Tensor, accumulate: bool) -> None:
     if accumulate:
         dst.add_(value.reshape(dst.shape))
@@ -101,6 +110,7 @@ def weight_grad(grad: torch.Tensor, param_shape: tuple[int, ...], view: tuple | 
 
 # ---------------------------------------------------------------------------------- convolution
 
+@body
 def _conv_forward(x, w, *rest, x_shape, y_shape, w_view, stride, padding, dilation, groups, bias, relu):
     b, y = (rest[0], rest[1]) if bias else (None, rest[0])
     out = y.view(y_shape)
@@ -110,6 +120,7 @@ def _conv_forward(x, w, *rest, x_shape, y_shape, w_view, stride, padding, dilati
         out.clamp_min_(0)
 
 
+@body
 def _conv_backward_input(gy, x, w, *rest, x_shape, y_shape, w_view, stride, padding, dilation, groups, relu,
                          accumulate):
     """dx of a convolution (``rest``: the output y when a ReLU was fused, then dx; x is read for
@@ -123,6 +134,7 @@ def _conv_backward_input(gy, x, w, *rest, x_shape, y_shape, w_view, stride, padd
     _store(gx, dx, accumulate)
 
 
+@body
 def _conv_backward_weight(gy, x, w, *rest, x_shape, y_shape, w_view, stride, padding, dilation, groups, relu,
                           need_w, need_b, accumulate_w, accumulate_b):
     """This tile's partial gradients of the weight and bias (``rest``: y when a ReLU was fused,
@@ -143,13 +155,9 @@ def _conv_backward_weight(gy, x, w, *rest, x_shape, y_shape, w_view, stride, pad
         _store(gb, db, accumulate_b)
 
 
-conv_forward_cpu, conv_forward_gpu = _bodies(_conv_forward)
-conv_backward_input_cpu, conv_backward_input_gpu = _bodies(_conv_backward_input)
-conv_backward_weight_cpu, conv_backward_weight_gpu = _bodies(_conv_backward_weight)
-
-
 # ---------------------------------------------------------------------------------- linear
 
+@body
 def _linear_forward(x, w, *rest, x_shape, bias, relu):
     b, y = (rest[0], rest[1]) if bias else (None, rest[0])
     out = y.view(x_shape[0], w.shape[0])
@@ -161,6 +169,7 @@ def _linear_forward(x, w, *rest, x_shape, bias, relu):
         out.clamp_min_(0)
 
 
+@body
 def _linear_backward_input(gy, w, *rest, relu, accumulate):
     y, gx = (rest[0], rest[1]) if relu else (None, rest[0])
     g = gy.view(-1, w.shape[0])
@@ -169,6 +178,7 @@ def _linear_backward_input(gy, w, *rest, relu, accumulate):
     _store(gx, g @ w, accumulate)
 
 
+@body
 def _linear_backward_weight(gy, x, *rest, x_shape, out_features, relu, need_w, need_b, accumulate_w, accumulate_b):
     rest = list(rest)
     y = rest.pop(0) if relu else None
@@ -183,65 +193,62 @@ def _linear_backward_weight(gy, x, *rest, x_shape, out_features, relu, need_w, n
         _store(gb, g.sum(0), accumulate_b)
 
 
-linear_forward_cpu, linear_forward_gpu = _bodies(_linear_forward)
-linear_backward_input_cpu, linear_backward_input_gpu = _bodies(_linear_backward_input)
-linear_backward_weight_cpu, linear_backward_weight_gpu = _bodies(_linear_backward_weight)
-
-
 # ---------------------------------------------------------------------------------- activations
 
+@body
 def _relu_forward(x, y):
     torch.clamp_min(x.view(y.shape), 0, out=y)
 
 
+@body
 def _relu_backward(gy, y, gx, *, accumulate):
     _store(gx, aten.threshold_backward(gy.view(y.shape), y, 0), accumulate)
 
 
+@body
 def _gelu_forward(x, y, *, approximate):
     aten.gelu.out(x.view(y.shape), approximate=approximate, out=y)
 
 
+@body
 def _gelu_backward(gy, x, gx, *, approximate, accumulate):
     _store(gx, aten.gelu_backward(gy.view(x.shape), x, approximate=approximate), accumulate)
 
 
+@body
 def _scale_forward(x, mask, y):
     """Dropout with a mask drawn by torch (already scaled by 1 / (1 - p))."""
     torch.mul(x.view(y.shape), mask.view(y.shape), out=y)
 
 
+@body
 def _scale_backward(gy, mask, gx, *, accumulate):
     _store(gx, gy * mask.view(gy.shape), accumulate)
 
 
-relu_forward_cpu, relu_forward_gpu = _bodies(_relu_forward)
-relu_backward_cpu, relu_backward_gpu = _bodies(_relu_backward)
-gelu_forward_cpu, gelu_forward_gpu = _bodies(_gelu_forward)
-gelu_backward_cpu, gelu_backward_gpu = _bodies(_gelu_backward)
-scale_forward_cpu, scale_forward_gpu = _bodies(_scale_forward)
-scale_backward_cpu, scale_backward_gpu = _bodies(_scale_backward)
-
-
 # ---------------------------------------------------------------------------------- pooling
 
+@body
 def _maxpool_forward(x, y, indices, *, x_shape, kernel, stride, padding, dilation, ceil_mode):
     aten.max_pool2d_with_indices.out(x.view(x_shape), kernel, stride, padding, dilation, ceil_mode,
                                      out=y.view(indices.shape), indices=indices)
 
 
+@body
 def _maxpool_backward(gy, x, indices, gx, *, x_shape, kernel, stride, padding, dilation, ceil_mode, accumulate):
     dx = aten.max_pool2d_with_indices_backward(gy.view(indices.shape), x.view(x_shape), kernel, stride, padding,
                                                dilation, ceil_mode, indices)
     _store(gx, dx, accumulate)
 
 
+@body
 def _avgpool_forward(x, y, *, x_shape, y_shape, kernel, stride, padding, ceil_mode, count_include_pad,
                      divisor_override):
     aten.avg_pool2d.out(x.view(x_shape), kernel, stride, padding, ceil_mode, count_include_pad, divisor_override,
                         out=y.view(y_shape))
 
 
+@body
 def _avgpool_backward(gy, x, gx, *, x_shape, y_shape, kernel, stride, padding, ceil_mode, count_include_pad,
                       divisor_override, accumulate):
     dx = aten.avg_pool2d_backward(gy.view(y_shape), x.view(x_shape), kernel, stride, padding, ceil_mode,
@@ -249,20 +256,16 @@ def _avgpool_backward(gy, x, gx, *, x_shape, y_shape, kernel, stride, padding, c
     _store(gx, dx, accumulate)
 
 
-maxpool_forward_cpu, maxpool_forward_gpu = _bodies(_maxpool_forward)
-maxpool_backward_cpu, maxpool_backward_gpu = _bodies(_maxpool_backward)
-avgpool_forward_cpu, avgpool_forward_gpu = _bodies(_avgpool_forward)
-avgpool_backward_cpu, avgpool_backward_gpu = _bodies(_avgpool_backward)
-
-
 # ---------------------------------------------------------------------------------- joins
 
+@body
 def _add_forward(a, b, y, *, relu):
     torch.add(a.view(y.shape), b.view(y.shape), out=y)
     if relu:
         y.clamp_min_(0)
 
 
+@body
 def _pass_gradient(gy, *rest, relu, accumulate):
     """A gradient passed on unchanged (an add's inputs), through a fused ReLU's mask."""
     y, gx = (rest[0], rest[1]) if relu else (None, rest[0])
@@ -270,24 +273,21 @@ def _pass_gradient(gy, *rest, relu, accumulate):
     _store(gx, g, accumulate)
 
 
+@body
 def _cat_forward(*arrays, shapes, y_shape, dim):
     *xs, y = arrays
     torch.cat([x.view(s) for x, s in zip(xs, shapes)], dim=dim, out=y.view(y_shape))
 
 
+@body
 def _slice_gradient(gy, gx, *, y_shape, dim, start, stop, accumulate):
     """One concatenated input's gradient: its slice of the output's."""
     _store(gx, gy.view(y_shape).narrow(dim, start, stop - start), accumulate)
 
 
-add_forward_cpu, add_forward_gpu = _bodies(_add_forward)
-pass_gradient_cpu, pass_gradient_gpu = _bodies(_pass_gradient)
-cat_forward_cpu, cat_forward_gpu = _bodies(_cat_forward)
-slice_gradient_cpu, slice_gradient_gpu = _bodies(_slice_gradient)
-
-
 # ---------------------------------------------------------------------------------- batch norm
 
+@body
 def _bn_partial(x, part, *, x_shape):
     """This tile's per-channel (count, mean, M2) in float64: part = [count, mean (C), M2 (C)]."""
     xs = x.view(x_shape).to(torch.float64)
@@ -300,6 +300,7 @@ def _bn_partial(x, part, *, x_shape):
     part[1 + c:] = m2
 
 
+@body
 def _bn_combine(other, part):
     """part <- the statistics of both partials' samples (Chan et al.'s pairwise update)."""
     c = (part.shape[0] - 1) // 2
@@ -311,6 +312,7 @@ def _bn_combine(other, part):
     part[0] = n
 
 
+@body
 def _bn_finalize(part, factor, stats, *running, eps, track):
     """stats = [mean, invstd] in the data's dtype; running mean/var updated as torch does
     (``factor``: the momentum, or 1/num_batches_tracked when momentum is None; unbiased var)."""
@@ -326,12 +328,14 @@ def _bn_finalize(part, factor, stats, *running, eps, track):
         rv.mul_(1 - f).add_((part[1 + c:] / max(n - 1, 1)).to(rv.dtype), alpha=f)
 
 
+@body
 def _bn_eval_stats(rm, rv, stats, *, eps):
     c = stats.shape[0] // 2
     stats[:c] = rm
     stats[c:] = 1.0 / torch.sqrt(rv + eps)
 
 
+@body
 def _bn_normalize(x, stats, *rest, x_shape, affine, relu):
     """y = (x - mean) * invstd * w + b as torch's CPU kernel forms it (x * alpha + beta)."""
     w, b, y = (rest[0], rest[1], rest[2]) if affine else (None, None, rest[0])
@@ -344,6 +348,7 @@ def _bn_normalize(x, stats, *rest, x_shape, affine, relu):
         out.clamp_min_(0)
 
 
+@body
 def _bn_backward_partial(gy, x, stats, *rest, x_shape, relu):
     """This tile's per-channel [sum(dy), sum(dy * xhat)] in float64 (``rest``: y if a ReLU was
     fused, then the partial)."""
@@ -359,6 +364,7 @@ def _bn_backward_partial(gy, x, stats, *rest, x_shape, relu):
     part[c:] = (g * xhat).sum(dim=(0, 2, 3))
 
 
+@body
 def _bn_backward_input(gy, x, stats, sums, *rest, x_shape, count, affine, relu, training, accumulate):
     """dx of batch norm: with batch statistics (training) or the running ones (eval)."""
     rest = list(rest)
@@ -381,6 +387,7 @@ def _bn_backward_input(gy, x, stats, sums, *rest, x_shape, count, affine, relu, 
     _store(gx, dx, accumulate)
 
 
+@body
 def _bn_param_grads(sums, *grads, need_w, need_b, accumulate_w, accumulate_b):
     """dweight = sum(dy * xhat), dbias = sum(dy), from the reduced sums."""
     c = sums.shape[0] // 2
@@ -391,23 +398,13 @@ def _bn_param_grads(sums, *grads, need_w, need_b, accumulate_w, accumulate_b):
         _store(grads.pop(0), sums[:c], accumulate_b)
 
 
+@body
 def _add_into(a, out):
     out.add_(a)
 
 
-bn_partial_cpu, bn_partial_gpu = _bodies(_bn_partial)
-bn_combine_cpu, bn_combine_gpu = _bodies(_bn_combine)
-bn_finalize_cpu, bn_finalize_gpu = _bodies(_bn_finalize)
-bn_eval_stats_cpu, bn_eval_stats_gpu = _bodies(_bn_eval_stats)
-bn_normalize_cpu, bn_normalize_gpu = _bodies(_bn_normalize)
-bn_backward_partial_cpu, bn_backward_partial_gpu = _bodies(_bn_backward_partial)
-bn_backward_input_cpu, bn_backward_input_gpu = _bodies(_bn_backward_input)
-bn_param_grads_cpu, bn_param_grads_gpu = _bodies(_bn_param_grads)
-add_into_cpu, add_into_gpu = _bodies(_add_into)
-
-
+@body
 def _copy(a, out):
     out.copy_(a.view(out.shape))
 
 
-copy_cpu, copy_gpu = _bodies(_copy)

@@ -15,21 +15,43 @@ from lotus_rt.runtime import Runtime, RunStats, TaskRecord, WorkerStats, runtime
 __version__ = "0.1.0"
 
 
-def einsum(equation: str, *operands, optimize: str | None = None, tile: int | None = None):
-    """Evaluate an einsum (explicit ``->``) as a DAG of GEMM-shaped tasks on the runtime.
+def einsum(equation, *operands, optimize=None, tile: int | None = None):
+    """Evaluate an einsum as a DAG of GEMM-shaped tasks on the runtime: a drop-in for
+    ``numpy.einsum`` / ``opt_einsum.contract``.
 
-    Operands are NumPy arrays or CPU torch tensors of one float dtype; the result is the same
-    kind. ``optimize`` is an opt_einsum path optimizer (default LOTUS_OPTIMIZE or "auto");
-    ``tile`` splits the output's leading index into tiles of that length (default: chosen
-    per problem, or LOTUS_TILE as the runtime read it). See ``lotus_rt.tn`` for the backward pass.
+    The whole grammar numpy takes (``lotus_rt.tn.grammar``): explicit or implicit output,
+    ``...`` with broadcasting, size-1 broadcasting, scalars, any letters, and the interleaved
+    form ``einsum(op, sublist, op, sublist, [out])``. Operands are NumPy arrays (or numbers,
+    lists) or CPU torch tensors; the result is the same kind, in numpy's result dtype (computed
+    in float32/float64; integers exactly, complex refused). ``optimize`` takes what opt_einsum
+    takes: a path optimizer's name (default LOTUS_OPTIMIZE or "auto"), True/False, a
+    PathOptimizer, an explicit path or ``opt_einsum.contract_path``'s result. ``tile`` splits the
+    output's leading index into tiles of that length (default: chosen per problem, or LOTUS_TILE
+    as the runtime read it). Bad input is one error before any task runs. See ``lotus_rt.tn``
+    for the backward pass and ``contract_expression`` for a reusable expression.
 
         >>> import numpy as np, lotus_rt
         >>> a, b = np.ones((4, 3)), np.ones((3, 2))
-        >>> lotus_rt.einsum("ij,jk->ik", a, b)[0, 0]
+        >>> float(lotus_rt.einsum("ij,jk->ik", a, b)[0, 0])
         3.0
+        >>> lotus_rt.einsum("ij,jk", a, b).shape, lotus_rt.einsum("...j,->...", a, 2).shape
+        ((4, 2), (4,))
     """
     from lotus_rt import tn
     return tn.einsum(equation, *operands, optimize=optimize, tile=tile)
+
+
+def contract_expression(equation: str, *shapes, optimize=None, tile: int | None = None):
+    """A reusable einsum for operands of these shapes, like ``opt_einsum.contract_expression``:
+    checked and planned once; each call finds that plan in the plan cache (``stats().caches``).
+
+        >>> import numpy as np, lotus_rt
+        >>> expr = lotus_rt.contract_expression("ij,jk->ik", (4, 3), (3, 2))
+        >>> float(expr(np.ones((4, 3)), np.ones((3, 2)))[0, 0])
+        3.0
+    """
+    from lotus_rt import tn
+    return tn.contract_expression(equation, *shapes, optimize=optimize, tile=tile)
 
 
 def stats(reset: bool = False) -> RunStats:
@@ -54,5 +76,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lotus_rt' has no attribute {name!r}")
 
 
-__all__ = [*_NN_NAMES, "einsum", "runtime", "shutdown", "stats", "trace", "Runtime", "WorkerStats", "TaskRecord",
+__all__ = [*_NN_NAMES, "einsum", "contract_expression", "runtime", "shutdown", "stats", "trace", "Runtime", "WorkerStats", "TaskRecord",
            "CodeletError", "ConfigError", "LotusError", "StarPUUnavailable", "__version__"]

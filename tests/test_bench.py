@@ -9,6 +9,7 @@ PNG's magic bytes. ``layers`` is checked only when its module exists.
 from __future__ import annotations
 
 import json
+import pathlib
 import os
 import subprocess
 import sys
@@ -120,6 +121,19 @@ def check_layers(data: dict) -> None:
         assert case["max_rel_error"] <= 1e-4
 
 
+def check_model(data: dict) -> None:
+    names = [m["name"] for m in data["models"]]
+    assert names == ["mnist_cnn", "resnet8"], names
+    for m in data["models"]:
+        for variant in ("dense", "tensorized"):
+            r = m["variants"][variant]
+            assert r["max_rel_error"] <= 1e-4 and r["tasks_per_step"]["forward"] > 0
+            assert positive(r["time_s"]["lotus"]) and positive(r["time_s"]["eager"])
+            assert positive(r["eager_over"]["lotus"]) and r["compile_skipped"]
+        assert m["variants"]["tensorized"]["params"] < m["variants"]["dense"]["params"]
+    assert (pathlib.Path(data["gantt"])).read_bytes()[:8] == PNG_MAGIC
+
+
 def check_hetero(data: dict) -> None:
     cfg = data["config"]
     assert data["complete"] is True and cfg["policies"] == ["dmda", "eager"]
@@ -158,6 +172,22 @@ def check_hetero(data: dict) -> None:
         assert f.read(8) == PNG_MAGIC
 
 
+def check_decompose(data: dict) -> None:
+    rows = data["rows"]
+    assert {(r["tensor"], r["method"]) for r in rows} == {(t, m) for t in ("conv", "random", "low-rank")
+                                                          for m in ("tucker", "tucker2", "cp", "tt")}
+    for r in rows:
+        assert positive(r["time_s"]["tensorly"]) and positive(r["time_s"]["lotus_rt"])
+        assert positive(r["lotus_over_tensorly"])
+        assert r["lotus_over_tensorly"]["samples"] == pytest.approx(
+            [o / t for o, t in zip(r["time_s"]["lotus_rt"]["samples"], r["time_s"]["tensorly"]["samples"])])
+        assert 0 <= r["error"]["lotus_rt"] < 1 and 0 <= r["error"]["tensorly"] < 1
+        assert r["met"] == (r["error_met"] and r["time_met"])
+        if r["tensor"] == "low-rank":   # exactly low-rank at the decomposition's own ranks: fitted
+            assert r["error"]["lotus_rt"] < 1e-8, r
+    assert data["all_met"] == all(r["met"] for r in rows)
+
+
 def check_distributed(data: dict) -> None:
     (row,) = data["summary"]  # quick: 2 ranks, strong scaling
     assert row["ranks"] == 2 and row["mode"] == "strong"
@@ -172,6 +202,9 @@ def check_distributed(data: dict) -> None:
 
 CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_policies,
           "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero,
+          "decompose": check_decompose, "model": check_model}
+
+
           "distributed": check_distributed}
 
 
@@ -211,8 +244,8 @@ def test_list_and_unknown_scenario(tmp_path):
     proc = run_benchmarks(["-m", "benchmarks", "--list"], tmp_path, timeout=60)
     assert proc.returncode == 0, describe(proc)
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    assert listed == ["overhead", "einsum", "layers", "policies", "ncpu", "tiles", "hetero", "distributed", "all"], \
-        proc.stdout
+    assert listed == ["overhead", "einsum", "layers", "model", "policies", "ncpu", "tiles", "hetero", "decompose",
+                      "distributed", "all"], proc.stdout
     proc = run_benchmarks(["-m", "benchmarks", "no-such-scenario"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "unknown scenario 'no-such-scenario'" in proc.stderr, describe(proc)
 

@@ -412,3 +412,166 @@ def test_tt_matrix_vbmf_recovers_the_tt_ranks():
     assert D.relative_error(D.reconstruct_tt_matrix(found, ins, outs), clean) < 0.05
     with pytest.raises(ValueError, match="needs the weight"):
         D.tt_ranks(ins, outs, "vbmf")
+
+
+# ----------------------------------------------------------------------------- Tucker, N-way
+
+def _project_all(t, factors, modes):
+    for f, m in zip(factors, modes):
+        t = np.moveaxis(np.tensordot(f.T, t, axes=(1, m)), 0, m)
+    return t
+
+
+@pytest.mark.parametrize("shape, ranks, modes", [
+    ((6, 7, 8), (3, 4, 5), None),
+    ((5, 6, 4, 3), (2, 3), (1, 3)),
+    ((5, 6, 4, 3), (2, 3), (-1, 0)),
+    ((4, 5, 3, 2, 3), 2, (0, 2, 4)),
+    ((9, 4), (3,), (0,)),
+])
+def test_tucker_any_modes_shapes_orthonormal_and_projection(shape, ranks, modes):
+    t = _rng(30).standard_normal(shape)
+    core, factors = D.tucker(t, ranks, modes=modes)
+    chosen = [m % len(shape) for m in (modes if modes is not None else range(len(shape)))]
+    want = D.tucker_ranks(shape, ranks, chosen)
+    assert [f.shape for f in factors] == [(shape[m], r) for m, r in zip(chosen, want)]
+    assert core.shape == tuple(want[chosen.index(m)] if m in chosen else d for m, d in enumerate(shape))
+    for f in factors:
+        _assert_orthonormal(f)
+    np.testing.assert_allclose(core, _project_all(t, factors, chosen), atol=1e-12)  # core = projection
+    approx = D.reconstruct_tucker(core, factors, chosen)
+    hosvd_core, hosvd_factors = D.tucker(t, ranks, modes=modes, n_iter_max=0)
+    hosvd = D.relative_error(D.reconstruct_tucker(hosvd_core, hosvd_factors, chosen), t)
+    assert D.relative_error(approx, t) <= hosvd + 1e-12
+
+
+def test_tucker_recovers_an_exact_tucker_tensor_on_some_modes():
+    rng = _rng(31)
+    core = rng.standard_normal((7, 2, 5, 3))
+    u1, u3 = _orthonormal(rng, 9, 2), _orthonormal(rng, 8, 3)
+    t = D.reconstruct_tucker(core, [u1, u3], (1, 3))
+    assert t.shape == (7, 9, 5, 8)
+    got_core, (f1, f3) = D.tucker(t, (2, 3), modes=(1, 3))
+    assert D.relative_error(D.reconstruct_tucker(got_core, [f1, f3], (1, 3)), t) < 1e-12
+    np.testing.assert_allclose(f1 @ f1.T, u1 @ u1.T, atol=1e-10)  # the same subspace
+    # a full Tucker (all modes) of the same tensor at its multilinear ranks
+    c, fs = D.tucker(t, [7, 2, 5, 3])
+    assert D.relative_error(D.reconstruct_tucker(c, fs), t) < 1e-12
+
+
+def test_tucker_stops_on_its_relative_tolerance(monkeypatch):
+    """tol is on the change of the relative error between sweeps (tensorly's rule): a looser tol
+    runs fewer sweeps and its error is within tol of the converged one."""
+    import importlib
+    hooi = importlib.import_module("lotus_rt.decompose.hooi")
+    t = _rng(32).standard_normal((20, 30, 40))
+    calls = []
+    real = hooi._leading_left
+    monkeypatch.setattr(hooi, "_leading_left", lambda m, r: calls.append(1) or real(m, r))
+    results = {}
+    for tol in (1e-2, 1e-4, 0.0):
+        calls.clear()
+        core, factors = D.tucker(t, (4, 5), modes=(0, 1), tol=tol, n_iter_max=200)
+        results[tol] = (len(calls) // 2 - 1, D.relative_error(D.reconstruct_tucker(core, factors, (0, 1)), t))
+    assert results[1e-2][0] < results[1e-4][0] < results[0.0][0], results  # sweeps
+    assert results[0.0][1] <= results[1e-4][1] <= results[1e-2][1] <= results[0.0][1] + 1e-2
+    assert results[1e-4][1] - results[0.0][1] < 1e-3
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: D.tucker(np.ones((3, 4)), 2, modes=(0, 0)), "distinct"),
+    (lambda: D.tucker(np.ones((3, 4)), 2, modes=(2,)), "distinct modes of a 2-way"),
+    (lambda: D.tucker(np.ones((3, 4)), (2, 5)), "out of range"),
+    (lambda: D.tucker(np.ones((3, 4)), (2,)), "invalid rank"),
+    (lambda: D.tucker(np.ones((3, 4)), 2, tol=-1.0), "tol"),
+    (lambda: D.tt(np.ones((3, 4, 5)), [2]), "invalid ranks"),
+    (lambda: D.cp_als(np.ones((3, 4)), 2, ridge=-1.0), "ridge"),
+])
+def test_invalid_tucker_tt_cp_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_tt_of_an_n_way_tensor():
+    rng = _rng(33)
+    cores = [rng.standard_normal(s) for s in ((1, 4, 2), (2, 5, 3), (3, 6, 2), (2, 3, 1))]
+    t = D.reconstruct_tt(cores)
+    np.testing.assert_allclose(t, np.einsum("aib,bjc,ckd,dle->ijkl", *cores)[...], atol=1e-12)
+    got = D.tt(t, [2, 3, 2])
+    assert [c.shape for c in got] == [c.shape for c in cores]
+    assert D.relative_error(D.reconstruct_tt(got), t) < 1e-12
+    assert D.relative_error(D.reconstruct_tt(D.tt(t, 1)), t) > 1e-3
+
+
+# ----------------------------------------------------------------------------- CP: the vanishing ridge
+
+@pytest.mark.parametrize("shape", [(20, 30, 40), (10, 12, 14), (8, 6, 3, 3)])
+def test_cp_reaches_1e_8_on_exactly_low_rank_data(shape):
+    """The ridge vanishes with the error: rank-5 data are fitted to 1e-8 and better, even with a
+    ridge 1000x the default (a fixed ridge of 1e-6 used to stop at ~1e-6)."""
+    t, _ = _cp_tensor(_rng(34), shape, 5)
+    for ridge in (1e-6, 1e-3):
+        weights, factors = D.cp_als(t, 5, ridge=ridge)
+        assert D.relative_error(D.reconstruct_cp(factors, weights), t) < 1e-8, (shape, ridge)
+
+
+# ----------------------------------------------------------------------------- against tensorly
+
+def _tensorly():
+    tl = pytest.importorskip("tensorly", reason="tensorly is a dev extra (pip install -e .[dev])")
+    import warnings
+    warnings.filterwarnings("ignore", message="Trying to compute SVD")
+    from tensorly import decomposition
+    return tl, decomposition
+
+
+def _kinds():
+    rng = _rng(35)
+    conv = rng.standard_normal((32, 16, 3, 3)) * np.geomspace(1, 0.02, 32)[:, None, None, None]
+    core = rng.standard_normal((4, 5, 6))
+    tucker_exact = D.reconstruct_tucker(core, [_orthonormal(rng, n, r) for n, r in ((12, 4), (14, 5), (16, 6))])
+    cp_exact, _ = _cp_tensor(rng, (12, 14, 16), 5)
+    return {"conv": conv, "random": rng.standard_normal((12, 14, 16)), "tucker-exact": tucker_exact,
+            "cp-exact": cp_exact}
+
+
+def _at_least_as_good(ours: float, theirs: float) -> bool:
+    """Equal or better, up to round-off (1e-12) and one part in 1e6."""
+    return ours <= theirs * (1 + 1e-6) + 1e-12
+
+
+@pytest.mark.parametrize("kind", ["conv", "random", "tucker-exact", "cp-exact"])
+def test_tucker_is_as_accurate_as_tensorly(kind):
+    tl, decomposition = _tensorly()
+    t = _kinds()[kind]
+    ranks = [min(d, r) for d, r in zip(t.shape, (4, 5, 6, 3))]
+    core, factors = decomposition.tucker(t, rank=ranks, tol=1e-4)
+    theirs = D.relative_error(tl.tucker_to_tensor((core, factors)), t)
+    c, fs = D.tucker(t, ranks)
+    assert _at_least_as_good(D.relative_error(D.reconstruct_tucker(c, fs), t), theirs)
+    (core, factors), _ = decomposition.partial_tucker(t, rank=ranks[:2], modes=[0, 1], tol=1e-4)
+    theirs = D.relative_error(tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1]), t)
+    c, fs = D.tucker(t, ranks[:2], modes=(0, 1))
+    assert _at_least_as_good(D.relative_error(D.reconstruct_tucker(c, fs, (0, 1)), t), theirs)
+
+
+@pytest.mark.parametrize("kind", ["conv", "random", "cp-exact"])
+def test_cp_is_as_accurate_as_tensorly(kind):
+    """Same budget and stopping rule as tensorly's parafac defaults (100 sweeps, tol 1e-8); ranks
+    within every mode size, so that neither start is padded with random columns."""
+    tl, decomposition = _tensorly()
+    t = _kinds()[kind]
+    rank = min(5, *t.shape)
+    theirs = D.relative_error(tl.cp_to_tensor(decomposition.parafac(t, rank, init="svd")), t)
+    weights, factors = D.cp_als(t, rank, n_iter_max=100, tol=1e-8)
+    ours = D.relative_error(D.reconstruct_cp(factors, weights), t)
+    assert _at_least_as_good(ours, theirs) or ours < 1e-10, (ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["conv", "random", "tucker-exact"])
+def test_tt_is_as_accurate_as_tensorly(kind):
+    tl, decomposition = _tensorly()
+    t = _kinds()[kind]
+    ranks = [1] + [min(3, *t.shape)] * (t.ndim - 1) + [1]
+    theirs = D.relative_error(tl.tt_to_tensor(decomposition.tensor_train(t, ranks)), t)
+    assert _at_least_as_good(D.relative_error(D.reconstruct_tt(D.tt(t, ranks[1:-1])), t), theirs)

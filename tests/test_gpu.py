@@ -514,10 +514,10 @@ LAYER_SCRIPT = textwrap.dedent("""
     for name, (make, shape) in layers.items():
         for dtype in (torch.float32, torch.float64):
             for fuse in ("on", "off"):
-                os.environ["LOTUS_FUSE"] = fuse
+                lotus_rt.runtime().reconfigure(fuse=fuse)
                 torch.manual_seed(5)
                 layer = make(dtype)
-                layer.offloaded = True
+                lotus_rt.offload(layer, whole_model=False)
                 x = torch.randn(shape, dtype=dtype, requires_grad=True)
                 y = layer(x)
                 weight = torch.randn(y.shape, dtype=dtype)
@@ -588,3 +588,47 @@ def test_cuda_arrays_are_registered_in_place_and_keep_the_results(cupy):
                       timeout=300)
     assert proc.returncode == 0, describe(proc)
     assert proc.stdout.split("\n")[:3] == ["OK cupy", "OK torch", "OK gemm"], describe(proc)
+
+
+WHOLE_MODEL_SCRIPT = textwrap.dedent("""
+    import copy, json, sys
+    import torch, torch.nn.functional as F, lotus_rt
+    from lotus_rt.demo import small_alexnet
+    torch.manual_seed(0)
+    report = {"workers": sorted({k for k, _ in lotus_rt.runtime().workers}), "runs": {}}
+    for device in ("cuda", "cpu"):
+        for tensorized in (False, True):
+            reference = small_alexnet().double()
+            if tensorized:
+                lotus_rt.tensorize(reference, rank=0.3, skip={"11"}, verbose=False)
+            reference = reference.to(device)
+            model = lotus_rt.offload(copy.deepcopy(reference))
+            opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (reference, model)]
+            worst = 0.0
+            for step in range(3):
+                x = torch.randn(8, 1, 28, 28, dtype=torch.float64, device=device)
+                y = torch.arange(8, device=device) % 10
+                seen = []
+                for m, opt in zip((reference, model), opts):
+                    opt.zero_grad(); out = m(x); F.cross_entropy(out, y).backward(); opt.step()
+                    seen.append([out.detach()] + [p.grad.clone() for p in m.parameters()])
+                worst = max([worst] + [float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
+                                       for a, b in zip(*seen)])
+            report["runs"][f"{device}/{'tensorized' if tensorized else 'dense'}"] = worst
+    report["kinds"] = sorted({r.kind for r in lotus_rt.trace()})
+    json.dump(report, open(sys.argv[1], "w"))
+""")
+
+
+@gpu
+def test_a_whole_model_on_cuda_trains_as_torch_does_on_a_cuda_starpu(cupy, tmp_path):
+    """A model on the GPU (parameters and state registered on it) and a model on the host, each
+    offloaded whole onto one CPU and one CUDA worker, train as torch does on the same device."""
+    out = tmp_path / "whole.json"
+    proc = run_python(WHOLE_MODEL_SCRIPT, env={"STARPU_NCPU": "1", "STARPU_NCUDA": "1", "LOTUS_ENGINE": "starpu"},
+                      args=[str(out)], timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    report = json.loads(out.read_text())
+    assert report["workers"] == ["cpu", "cuda"] and "cuda" in report["kinds"], report
+    for run, worst in report["runs"].items():
+        assert worst < 1e-9, (run, worst)

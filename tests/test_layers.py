@@ -80,7 +80,8 @@ def test_offloaded_model_matches_torch_outputs_and_gradients(fuse):
     twin = _model()
     twin.load_state_dict(model.state_dict())
     lotus_rt.offload(twin)
-    assert len(lotus_rt.nn.offloaded_layers(twin)) == 5
+    assert len(lotus_rt.nn.offloaded_layers(twin)) == 10  # the whole model: activations and flatten too
+    assert len(lotus_rt.nn.offloaded_layers(lotus_rt.offload(_model(), whole_model=False))) == 5
     x = torch.randn(3, 2, 8, 8, dtype=D)
     y, y2 = model(x), twin(x)
     assert torch.allclose(y, y2, rtol=1e-10, atol=1e-12)
@@ -150,8 +151,11 @@ def test_bad_input_is_a_clear_error():
     grouped = nn.Conv2d(4, 4, 3, groups=2)
     with pytest.raises(ValueError, match="grouped"):
         lotus_rt.TuckerConv2d.from_conv(grouped, ranks=2)
-    with pytest.warns(RuntimeWarning, match="stay in torch"):
-        lotus_rt.offload(nn.Sequential(grouped))
+    with pytest.warns(RuntimeWarning, match="stay in torch"):  # one layer at a time: grouped stays in torch
+        lotus_rt.offload(nn.Sequential(copy.deepcopy(grouped)), whole_model=False)
+    whole = lotus_rt.offload(nn.Sequential(grouped))  # the whole-model graph runs it with torch's kernel
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(whole(x), F.conv2d(x, grouped.weight, grouped.bias, groups=2))
 
 
 def test_from_conv_with_vbmf_ranks():
@@ -279,7 +283,7 @@ def test_tensorize_with_vbmf_ranks_handles_convolutions_and_linears():
 @pytest.mark.parametrize("mode, fused", [("on", True), ("off", False), ("auto", True)])
 def test_fuse_setting_decides_between_one_task_and_a_dag(mode, fused, lotus_env):
     lotus_env(LOTUS_FUSE=mode)
-    layer = lotus_rt.offload(lotus_rt.CPConv2d(4, 6, 3, rank=3, padding=1, dtype=D))
+    layer = lotus_rt.offload(lotus_rt.CPConv2d(4, 6, 3, rank=3, padding=1, dtype=D), whole_model=False)
     x = torch.randn(2, 4, 7, 7, dtype=D, requires_grad=True)
     rt = lotus_rt.runtime()
     rt.trace(clear=True)
@@ -302,7 +306,7 @@ def test_a_failing_layer_task_surfaces_and_the_layer_still_works(mode, codelet_n
     lotus_env(LOTUS_FUSE=mode)
     lotus_env(LOTUS_TILE="1")
     reference = lotus_rt.TuckerConv2d(3, 4, 3, ranks=(2, 3), padding=1, dtype=D)
-    layer = lotus_rt.offload(copy.deepcopy(reference))
+    layer = lotus_rt.offload(copy.deepcopy(reference), whole_model=False)
     x = torch.randn(3, 3, 6, 6, dtype=D, requires_grad=True)
     codelet = getattr(codelets, codelet_name)
     body, calls = codelet.cpu, []

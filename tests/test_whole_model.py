@@ -26,7 +26,7 @@ from lotus_rt.demo import small_alexnet
 from lotus_rt.nn.convert import offloaded_layers
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-FLOOR = {torch.float64: 1e-6, torch.float32: 1e-3}
+FLOOR = {torch.float64: 1e-4, torch.float32: 1e-2}
 
 
 class Block(nn.Module):
@@ -163,6 +163,25 @@ def test_two_forwards_before_one_backward_keep_their_own_buffers():
         (losses[0] + 2 * losses[1]).backward()
     for p, q in zip(reference.parameters(), model.parameters()):
         assert _rel(p.grad, q.grad) < 1e-10
+
+
+def test_a_kept_loss_does_not_keep_buffers_and_retain_graph_works_until_the_next_forward():
+    torch.manual_seed(10)
+    model = lotus_rt.offload(small_alexnet().double())
+    x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.arange(4)
+    losses = []
+    for _ in range(3):  # the losses (and their autograd graphs) stay alive
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss)
+    (runner,) = model._lotus_whole.runners.values()
+    assert [len(pool.free) for pool in runner.pools.values()] == [1]  # one program, reused
+    loss = F.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)  # no forward in between: its buffers are still the ones it saved
+    F.cross_entropy(model(x), y)
+    with pytest.raises(RuntimeError, match="second backward through an offloaded region"):
+        loss.backward()
 
 
 def test_the_input_gradient_flows_back():

@@ -288,3 +288,125 @@ def quiet_runtime():
 def assert_nothing_ran(runtime) -> None:
     runtime.wait()
     assert ntasks(runtime) == 0 and runtime.trace() == [], runtime.trace()[:5]
+
+
+# ------------------------------------------------------------------ the whole einsum grammar
+
+ASCII_POOL = "abcdefg"
+UNICODE_POOL = "αβγδεζη"  # sorted like ASCII_POOL, so numpy's implicit output (on the ASCII twin) agrees
+
+
+class GrammarCase(NamedTuple):
+    args: tuple  # what einsum is called with: (equation, *operands) or the interleaved form
+    numpy_args: tuple  # the same call for numpy.einsum (ASCII letters)
+    tags: tuple[str, ...]  # for hypothesis.event
+
+
+@st.composite
+def grammar_cases(draw):
+    """One einsum call in numpy's grammar: 1-4 operands over a pool of up to 5 letters (ASCII or
+    not), repeated indices inside an operand (diagonals), letters shared by 3+ operands
+    (hyperedges), scalar operands (Python numbers, 0-d arrays), '...' covering 0-2 broadcast
+    dimensions, size-1 dimensions broadcast against larger ones, implicit or explicit output, the
+    interleaved sublist form, and float32/float64/int/bool operands mixed."""
+    nops = draw(st.integers(1, 4))
+    pool_size = draw(st.integers(1, 5))
+    use_unicode = draw(st.booleans())
+    letters = (UNICODE_POOL if use_unicode else ASCII_POOL)[:pool_size]
+    sizes = {c: draw(st.integers(1, 4)) for c in letters}
+    nell = draw(st.sampled_from([0, 0, 1, 2]))
+    ell_sizes = [draw(st.integers(2, 3)) for _ in range(nell)]
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    terms, operands, tags = [], [], set()
+    for _ in range(nops):
+        kind = draw(st.sampled_from(["array"] * 5 + ["python", "0d"]))
+        dtype = draw(st.sampled_from([np.float64] * 4 + [np.float32] * 2 + [np.int64, np.int8, np.bool_]))
+        if kind != "array":
+            term = "..." if nell and draw(st.booleans()) else ""
+            if kind == "python":
+                value = draw(st.sampled_from([2.0, -1.5, 3, -2]))
+                tags.add("python scalar")
+            else:
+                value = np.asarray(rng.uniform(0.5, 1.5), dtype=dtype) if dtype != np.bool_ else np.asarray(True)
+                tags.add("0-d array")
+            terms.append(term)
+            operands.append(value)
+            continue
+        term = draw(st.lists(st.sampled_from(letters), min_size=0, max_size=4))
+        shape = []
+        own = {c: (1 if draw(st.integers(0, 4)) == 0 else sizes[c]) for c in set(term)}
+        if any(own[c] == 1 != sizes[c] for c in own):
+            tags.add("size-1 broadcast")
+        if len(set(term)) < len(term):
+            tags.add("diagonal")
+        shape = [own[c] for c in term]
+        if nell and draw(st.booleans()):
+            k = draw(st.integers(0, nell))
+            ell_shape = [ell_sizes[j] if draw(st.integers(0, 3)) else 1 for j in range(nell - k, nell)]
+            at = draw(st.integers(0, len(term)))
+            term = term[:at] + ["..."] + term[at:]
+            shape = shape[:at] + ell_shape + shape[at:]
+            tags.add(f"ellipsis covering {k}")
+        terms.append("".join(term))
+        if dtype == np.bool_:
+            values = rng.integers(0, 2, shape).astype(bool)
+        elif np.issubdtype(dtype, np.integer):
+            values = rng.integers(-3, 4, shape).astype(dtype)
+        else:
+            values = (rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape)).astype(dtype)
+        operands.append(values)
+    counts = {c: sum(t.count(c) for t in terms) for c in letters}
+    if any(sum(c in t for t in terms) >= 3 for c in letters):
+        tags.add("hyperedge")
+    used = [c for c in letters if counts[c]]
+    has_ell = any("..." in t and np.ndim(op) > len(t) - 3 for t, op in zip(terms, operands))
+    if draw(st.booleans()):
+        output = None
+        tags.add("implicit output")
+    else:
+        output = "".join(draw(st.permutations(draw(st.lists(st.sampled_from(used), unique=True)) if used else [])))
+        if has_ell or (nell and draw(st.booleans())):  # numpy wants '...' when it covers dimensions
+            at = draw(st.integers(0, len(output)))
+            output = output[:at] + "..." + output[at:]
+    equation = ",".join(terms) + ("" if output is None else "->" + output)
+    to_ascii = str.maketrans(UNICODE_POOL, ASCII_POOL)
+    numpy_args = (equation.translate(to_ascii), *operands)
+    if use_unicode:
+        tags.add("non-ASCII letters")
+    if draw(st.integers(0, 3)) == 0:  # the interleaved form
+        def sub(term):  # ASCII_POOL[i] is numpy's subscript 26 + i; UNICODE_POOL[i] is 52 + i (non-ASCII)
+            return [Ellipsis if c == "." else (52 + UNICODE_POOL.index(c) if use_unicode else 26 + ASCII_POOL.index(c))
+                    for c in term.replace("...", ".")]
+        args = [x for term, op in zip(terms, operands) for x in (op, sub(term))]
+        if output is not None:
+            args.append(sub(output))
+        tags.add("sublist form")
+        return GrammarCase(tuple(args), numpy_args, tuple(sorted(tags)))
+    return GrammarCase((equation, *operands), numpy_args, tuple(sorted(tags)))
+
+
+def reference_check(out, case: GrammarCase) -> None:
+    """``out`` against numpy.einsum: its dtype and shape; integers exactly; floats within
+    ``rtol * sqrt(K) * max(einsum of |operands|)`` of a float64 reference."""
+    equation, *ops = case.numpy_args
+    expected = np.asarray(np.einsum(equation, *ops))
+    assert isinstance(out, np.ndarray)
+    assert out.dtype == expected.dtype and out.shape == expected.shape, (equation, out.dtype, expected.dtype,
+                                                                         out.shape, expected.shape)
+    if expected.dtype.kind in "biu":
+        np.testing.assert_array_equal(out, expected, err_msg=equation)
+        return
+    ops64 = [np.asarray(o, dtype=np.float64) for o in ops]
+    ref = np.einsum(equation, *ops64)
+    scale = float(np.max(np.abs(np.einsum(equation, *[np.abs(o) for o in ops64])), initial=1e-300))
+    import opt_einsum.parser
+    lhs, output, _ = opt_einsum.parser.parse_einsum_input([equation, *ops64])  # '...' and implicit resolved
+    sizes: dict[str, int] = {}
+    for term, op in zip(lhs.split(","), ops64):
+        for index, dim in zip(term, op.shape):
+            sizes[index] = max(sizes.get(index, 1), dim)
+    summed = math.prod(d for index, d in sizes.items() if index not in output)
+    rtol = RTOL[np.dtype(np.float32) if expected.dtype.itemsize <= 4 else np.dtype(np.float64)]
+    bound = rtol * math.sqrt(summed) * scale
+    err = float(np.max(np.abs(out.astype(np.float64) - ref), initial=0.0))
+    assert err <= bound, f"{equation}: max error {err:.3g} > bound {bound:.3g}"

@@ -6,7 +6,8 @@ from lotus_rt.runtime.core import Codelet
 
 
 def _codelet(name: str, body: str) -> Codelet:
-    return Codelet(name, cpu=getattr(ops, body + "_cpu"), cuda=getattr(ops, body + "_gpu"))
+    cpu, cuda = ops.BODIES[body]
+    return Codelet(name, cpu=cpu, cuda=cuda)
 
 
 CONV = _codelet("conv", "conv_forward")

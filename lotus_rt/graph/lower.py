@@ -225,6 +225,19 @@ class Lowering:
             written = [s[1] for s in slots if s is not None]
             self.tree(written, C.ADD_INTO, priority=0, name="dparam_sum")
 
+    def written_each_step(self) -> list[Handle]:
+        """Handles whose data Python writes before a forward run: inputs, dropout masks, batch
+        norm factors, and the caller's parameters and state (an optimizer updates them in place)."""
+        handles = [self.value(v, t) for v in self.graph.inputs for t in range(self.ntiles)]
+        handles += [self.scratch[key][1] for key in self.scratch if key[1].startswith(("mask", "factor"))]
+        return handles + self.param_handles + self.buffer_handles
+
+    def result_grad_handles(self, input_grads: Sequence[bool]) -> list[Handle]:
+        """Handles Python reads after a backward run: wanted input gradients, parameter partials."""
+        handles = [self.grad[self.root[v]][t][1] for v, wanted in zip(self.graph.inputs, input_grads)
+                   if wanted and self.root[v] in self.grad for t in range(self.ntiles)]
+        return handles + [slot[1] for slots in self.pgrad.values() for slot in slots if slot is not None]
+
     def param_grad(self, p: int) -> np.ndarray | None:
         """The summed gradient of parameter p after the backward pass (None: none was needed)."""
         slots = self.pgrad.get(p)
@@ -276,9 +289,12 @@ def conv_forward(lw: Lowering, op: Op) -> None:
                   bias=bias, relu=relu, **_conv_kwargs(lw, op, t))
 
 
-def conv_backward(lw: Lowering, op: Op) -> None:
+def _weighted_backward(lw: Lowering, op: Op, dx_codelet: Codelet, dw_codelet: Codelet,
+                       dx_reads: Callable[[int], list], dw_reads: Callable[[int], list],
+                       kwargs: Callable[[int, str], dict[str, Any]]) -> None:
+    """Per tile, a layer's input gradient (critical path) and its weight and bias partials (low
+    priority: they overlap the backward of the layers below); a fused ReLU masks dy with y."""
     relu, x = bool(op.attrs.get("relu")), op.inputs[0]
-    w = (lw.param_handles[op.params[0]], "R")
     for t in range(lw.ntiles):
         gy = lw.grad_source(op.output, t)
         if gy is None:
@@ -286,14 +302,20 @@ def conv_backward(lw: Lowering, op: Op) -> None:
         y = [(lw.value(op.output, t), "R")] if relu else []
         if x in lw.needs:
             gx, accumulate = lw.grad_target(x, t)
-            lw.submit(C.CONV_DX, (gy, "R"), (lw.value(x, t), "R"), w, *y, (gx, "RW" if accumulate else "W"),
+            lw.submit(dx_codelet, (gy, "R"), *dx_reads(t), *y, (gx, "RW" if accumulate else "W"),
                       priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", relu=relu,
-                      accumulate=accumulate, **_conv_kwargs(lw, op, t))
+                      accumulate=accumulate, **kwargs(t, "dx"))
         grads, flags = _weight_grads(lw, op, t, op.attrs["bias"])
         if grads:
-            lw.submit(C.CONV_DW, (gy, "R"), (lw.value(x, t), "R"), w, *y, *grads,
+            lw.submit(dw_codelet, (gy, "R"), *dw_reads(t), *y, *grads,
                       priority=lw.backward_priority(op, t, False), name=f"{op.name}[{t}]", relu=relu,
-                      **flags, **_conv_kwargs(lw, op, t))
+                      **flags, **kwargs(t, "dw"))
+
+
+def conv_backward(lw: Lowering, op: Op) -> None:
+    w = (lw.param_handles[op.params[0]], "R")
+    reads = lambda t: [(lw.value(op.inputs[0], t), "R"), w]  # noqa: E731
+    _weighted_backward(lw, op, C.CONV_DX, C.CONV_DW, reads, reads, lambda t, _: _conv_kwargs(lw, op, t))
 
 
 def linear_forward(lw: Lowering, op: Op) -> None:
@@ -307,25 +329,15 @@ def linear_forward(lw: Lowering, op: Op) -> None:
 
 
 def linear_backward(lw: Lowering, op: Op) -> None:
-    relu, x = bool(op.attrs.get("relu")), op.inputs[0]
-    w = (lw.param_handles[op.params[0]], "R")
+    x, w = op.inputs[0], (lw.param_handles[op.params[0]], "R")
     out_features = lw.graph.params[op.params[0]].shape[0]
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        y = [(lw.value(op.output, t), "R")] if relu else []
-        if x in lw.needs:
-            gx, accumulate = lw.grad_target(x, t)
-            lw.submit(C.LINEAR_DX, (gy, "R"), w, *y, (gx, "RW" if accumulate else "W"),
-                      priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", relu=relu,
-                      accumulate=accumulate)
-        grads, flags = _weight_grads(lw, op, t, op.attrs["bias"])
-        if grads:
-            x_shape = (lw.rows(t), lw.graph.values[x].sample_size)
-            lw.submit(C.LINEAR_DW, (gy, "R"), (lw.value(x, t), "R"), *y, *grads,
-                      priority=lw.backward_priority(op, t, False), name=f"{op.name}[{t}]", relu=relu,
-                      x_shape=x_shape, out_features=out_features, **flags)
+
+    def kwargs(t: int, which: str) -> dict[str, Any]:
+        if which == "dx":
+            return {}
+        return {"x_shape": (lw.rows(t), lw.graph.values[x].sample_size), "out_features": out_features}
+
+    _weighted_backward(lw, op, C.LINEAR_DX, C.LINEAR_DW, lambda t: [w], lambda t: [(lw.value(x, t), "R")], kwargs)
 
 
 def contract_forward(lw: Lowering, op: Op) -> None:
@@ -385,6 +397,22 @@ def contract_backward(lw: Lowering, op: Op) -> None:
                       name=f"{op.name}_acc[{t}]")
 
 
+def _input_grad_tasks(lw: Lowering, op: Op, codelet: Codelet, reads: Callable[[int], list[tuple[Handle, str]]],
+                      kwargs: Callable[[int], dict[str, Any]] = lambda t: {}) -> None:
+    """Per tile, the task adding a single-input op's input gradient: ``codelet(dy, *reads(t), dx)``."""
+    x = op.inputs[0]
+    if x not in lw.needs:
+        return
+    for t in range(lw.ntiles):
+        gy = lw.grad_source(op.output, t)
+        if gy is None:
+            continue
+        gx, accumulate = lw.grad_target(x, t)
+        lw.submit(codelet, (gy, "R"), *reads(t), (gx, "RW" if accumulate else "W"),
+                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
+                  **kwargs(t))
+
+
 def _unary(forward: Codelet, backward: Codelet, keeps: str, **static: Any):
     """Forward/backward emitters of an element-wise op; ``keeps``: what its backward reads
     besides dy ("y": the output, "x": the input)."""
@@ -395,19 +423,9 @@ def _unary(forward: Codelet, backward: Codelet, keeps: str, **static: Any):
                       priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]", **attrs)
 
     def emit_backward(lw: Lowering, op: Op) -> None:
-        x = op.inputs[0]
-        if x not in lw.needs:
-            return
+        kept = op.output if keeps == "y" else op.inputs[0]
         attrs = {k: op.attrs[k] for k in static}
-        for t in range(lw.ntiles):
-            gy = lw.grad_source(op.output, t)
-            if gy is None:
-                continue
-            kept = lw.value(op.output if keeps == "y" else x, t)
-            gx, accumulate = lw.grad_target(x, t)
-            lw.submit(backward, (gy, "R"), (kept, "R"), (gx, "RW" if accumulate else "W"),
-                      priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]",
-                      accumulate=accumulate, **attrs)
+        _input_grad_tasks(lw, op, backward, lambda t: [(lw.value(kept, t), "R")], lambda t: attrs)
     return emit_forward, emit_backward
 
 
@@ -415,27 +433,21 @@ relu_forward, relu_backward = _unary(C.RELU, C.RELU_DX, "y")
 gelu_forward, gelu_backward = _unary(C.GELU, C.GELU_DX, "x", approximate=None)
 
 
+def _mask(lw: Lowering, op: Op, t: int) -> tuple[np.ndarray, Handle]:
+    return lw.scratch_array(op, f"mask{t}", lw.tile_shape(op.output, t), lw.graph.values[op.output].dtype)
+
+
 def dropout_forward(lw: Lowering, op: Op) -> None:
     masks = lw.masks[id(op)] = []
     for t in range(lw.ntiles):
-        mask, handle = lw.scratch_array(op, f"mask{t}", lw.tile_shape(op.output, t), lw.graph.values[op.output].dtype)
+        mask, handle = _mask(lw, op, t)
         masks.append(mask)
         lw.submit(C.DROPOUT, (lw.value(op.inputs[0], t), "R"), (handle, "R"), (lw.value(op.output, t), "W"),
                   priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]")
 
 
 def dropout_backward(lw: Lowering, op: Op) -> None:
-    x = op.inputs[0]
-    if x not in lw.needs:
-        return
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        _, mask = lw.scratch_array(op, f"mask{t}", lw.tile_shape(op.output, t), lw.graph.values[op.output].dtype)
-        gx, accumulate = lw.grad_target(x, t)
-        lw.submit(C.DROPOUT_DX, (gy, "R"), (mask, "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate)
+    _input_grad_tasks(lw, op, C.DROPOUT_DX, lambda t: [(_mask(lw, op, t)[1], "R")])
 
 
 def _pool_kwargs(lw: Lowering, op: Op, t: int, keys: Sequence[str]) -> dict[str, Any]:
@@ -446,27 +458,20 @@ MAXPOOL_KEYS = ("kernel", "stride", "padding", "dilation", "ceil_mode")
 AVGPOOL_KEYS = ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
 
+def _indices(lw: Lowering, op: Op, t: int) -> Handle:
+    return lw.scratch_array(op, f"indices{t}", lw.tile_shape(op.output, t), np.int64)[1]
+
+
 def maxpool_forward(lw: Lowering, op: Op) -> None:
     for t in range(lw.ntiles):
-        _, indices = lw.scratch_array(op, f"indices{t}", lw.tile_shape(op.output, t), np.int64)
-        lw.submit(C.MAXPOOL, (lw.value(op.inputs[0], t), "R"), (lw.value(op.output, t), "W"), (indices, "W"),
-                  priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]",
+        lw.submit(C.MAXPOOL, (lw.value(op.inputs[0], t), "R"), (lw.value(op.output, t), "W"),
+                  (_indices(lw, op, t), "W"), priority=lw.forward_priority(op, t), name=f"{op.name}[{t}]",
                   **_pool_kwargs(lw, op, t, MAXPOOL_KEYS))
 
 
 def maxpool_backward(lw: Lowering, op: Op) -> None:
-    x = op.inputs[0]
-    if x not in lw.needs:
-        return
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        _, indices = lw.scratch_array(op, f"indices{t}", lw.tile_shape(op.output, t), np.int64)
-        gx, accumulate = lw.grad_target(x, t)
-        lw.submit(C.MAXPOOL_DX, (gy, "R"), (lw.value(x, t), "R"), (indices, "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
-                  **_pool_kwargs(lw, op, t, MAXPOOL_KEYS))
+    _input_grad_tasks(lw, op, C.MAXPOOL_DX, lambda t: [(lw.value(op.inputs[0], t), "R"), (_indices(lw, op, t), "R")],
+                      lambda t: _pool_kwargs(lw, op, t, MAXPOOL_KEYS))
 
 
 def avgpool_forward(lw: Lowering, op: Op) -> None:
@@ -477,17 +482,8 @@ def avgpool_forward(lw: Lowering, op: Op) -> None:
 
 
 def avgpool_backward(lw: Lowering, op: Op) -> None:
-    x = op.inputs[0]
-    if x not in lw.needs:
-        return
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        gx, accumulate = lw.grad_target(x, t)
-        lw.submit(C.AVGPOOL_DX, (gy, "R"), (lw.value(x, t), "R"), (gx, "RW" if accumulate else "W"),
-                  priority=lw.backward_priority(op, t, True), name=f"{op.name}[{t}]", accumulate=accumulate,
-                  y_shape=lw.tile_shape(op.output, t), **_pool_kwargs(lw, op, t, AVGPOOL_KEYS))
+    _input_grad_tasks(lw, op, C.AVGPOOL_DX, lambda t: [(lw.value(op.inputs[0], t), "R")],
+                      lambda t: {"y_shape": lw.tile_shape(op.output, t), **_pool_kwargs(lw, op, t, AVGPOOL_KEYS)})
 
 
 def add_forward(lw: Lowering, op: Op) -> None:
@@ -587,8 +583,8 @@ def batchnorm_backward(lw: Lowering, op: Op) -> None:
     c, full = _bn_shapes(lw, op)
     _, stats = lw.scratch_array(op, "stats", (2 * c,), lw.graph.values[op.output].dtype)
     sources = [lw.grad_source(op.output, t) for t in range(lw.ntiles)]
-    if any(s is None for s in sources):  # a tile without gradient contributes zeros: fill them
-        raise NotImplementedError(f"batch norm {op.name}: an output tile received no gradient")
+    if any(s is None for s in sources):  # nothing downstream used the output: no gradient flows
+        return
     prio = lw.backward_priority(op, 0, True) + lw.ntiles
     sums = []
     for t in range(lw.ntiles):

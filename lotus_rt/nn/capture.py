@@ -41,7 +41,16 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """torch.fx GraphModule of ``model`` with lotus_rt's tensorized layers as leaf modules."""
+    """torch.fx GraphModule of ``model`` with lotus_rt's tensorized layers as leaf modules. A
+    model that is itself such a layer (or a torch layer) becomes a one-node graph calling it."""
+    if _Tracer().is_leaf_module(model, ""):
+        graph = fx.Graph()
+        graph.output(graph.call_module("layer", (graph.placeholder("x"),)))
+        root = nn.Module()
+        root.layer = model
+        gm = fx.GraphModule(root, graph)
+        gm.lotus_single_layer = True  # the model is the one node: its name is the model's, ""
+        return gm
     return fx.GraphModule(model, _Tracer().trace(model))
 
 
@@ -52,17 +61,40 @@ def node_meta(gm: fx.GraphModule, args: tuple) -> dict[fx.Node, tuple[tuple[int,
     where a module reads a value on the way (batch norm with momentum=None divides by its
     counter), from a real run whose state changes are undone: buffers and the random generator
     are restored afterwards."""
+    with _own_forwards(gm):
+        return _node_meta(gm, args)
+
+
+@contextlib.contextmanager
+def _own_forwards(gm: fx.GraphModule):
+    """Modules whose forward lotus_rt replaced (an offloaded layer captured as a one-node graph)
+    run their own forward inside the block."""
+    swapped = [(m, type(m)) for m in gm.modules() if getattr(type(m), "_lotus_base", None) is not None]
+    for module, cls in swapped:
+        module.__class__ = cls._lotus_base
+    try:
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+
+
+def _node_meta(gm: fx.GraphModule, args: tuple) -> dict[fx.Node, tuple[tuple[int, ...], torch.dtype] | None]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints the traceback it raises
             ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
-    except Exception:  # noqa: BLE001 - data-dependent code under fake tensors
+    except Exception as exc:  # noqa: BLE001 - data-dependent code under fake tensors
+        if isinstance(exc.__cause__, (ValueError, TypeError)):
+            raise exc.__cause__ from None  # the model refused its input: say so as it did
         buffers = [(b, b.clone()) for b in gm.buffers()]
         rng = torch.get_rng_state()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(*args)
+        except RuntimeError as real:
+            raise (real.__cause__ or real) from None
         finally:
             torch.set_rng_state(rng)
             with torch.no_grad():

@@ -16,6 +16,7 @@ same masks as torch eager.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import warnings
 import weakref
@@ -27,27 +28,50 @@ import torch.fx as fx
 from torch import nn
 
 from lotus_rt.graph.fuse import fuse_relu
-from lotus_rt.graph.program import Program, tile_ranges
+from lotus_rt.graph.program import Program, tile_count, tile_ranges
 from lotus_rt.nn import capture
 from lotus_rt.runtime import runtime
 
 # Batch tiles per CPU worker of the runtime: enough for tiles of one layer to overlap the next
 # layer's while every worker stays busy.
 TILES_PER_WORKER = 2
+# Keys (input shape, mode, gradient flags) whose programs a region keeps: each holds its buffers.
+MAX_KEYS = 8
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().numpy()
+    """A host NumPy view (zero copy) of a CPU tensor; a host copy of a CUDA one."""
+    return tensor.detach().cpu().numpy()
+
+
+def _registrable(tensor: torch.Tensor) -> Any:
+    """What the runtime registers for a parameter or state buffer: a NumPy view of a CPU tensor,
+    the CUDA tensor itself (registered on its GPU, zero copy)."""
+    return tensor.detach() if tensor.is_cuda else tensor.detach().numpy()
 
 
 class _Held:
-    """Marks a program as holding a forward for a pending backward; frees it when collected."""
+    """A program holding one forward's buffers for its backward. It goes back to its pool after
+    the backward ran, or when the autograd graph is freed without one; a later backward through
+    the same graph (retain_graph) still works unless another forward has used the program since."""
 
     def __init__(self, pool: "_Pool", program: Program):
         self.pool, self.program = pool, program
+        self.generation = program.generation
+        self.returned = False
+
+    def check(self) -> None:
+        if self.program.generation != self.generation:
+            raise RuntimeError("lotus_rt: a second backward through an offloaded region after another forward "
+                               "reused its buffers; run the forward again instead of retain_graph=True")
+
+    def give_back(self) -> None:
+        if not self.returned:
+            self.returned = True
+            self.pool.give_back(self.program)
 
     def __del__(self):
-        self.pool.give_back(self.program)
+        self.give_back()
 
 
 class _Pool:
@@ -55,7 +79,6 @@ class _Pool:
 
     def __init__(self):
         self.free: list[Program] = []
-        self.busy: set[int] = set()
         self.lock = threading.Lock()
 
     def take(self) -> Program | None:
@@ -64,8 +87,8 @@ class _Pool:
 
     def give_back(self, program: Program) -> None:
         with self.lock:
-            self.busy.discard(id(program))
-            self.free.append(program)
+            if program not in self.free:
+                self.free.append(program)
 
 
 class RegionFunction(torch.autograd.Function):
@@ -85,8 +108,10 @@ class RegionFunction(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor):
         if ctx.held is None:
             raise RuntimeError("lotus_rt: this region's forward kept no state for a backward")
+        ctx.held.check()
         program = ctx.held.program
         input_grads, param_grads = program.backward([None if g is None else _array(g.contiguous()) for g in grads])
+        ctx.held.give_back()  # its buffers are free for the next forward (a loss kept alive keeps no program)
         wrap = ctx.region.wrap
         return (None, None, *[wrap(g) for g in input_grads], *[wrap(g) for g in param_grads])
 
@@ -96,7 +121,7 @@ class RegionRunner:
 
     def __init__(self, gm: fx.GraphModule, region: capture.Region):
         self.gm, self.region = gm, region
-        self.pools: dict[tuple, _Pool] = {}
+        self.pools: collections.OrderedDict[tuple, _Pool] = collections.OrderedDict()
         self.graphs: dict[tuple, capture.RegionGraph] = {}
         self.device = torch.device("cpu")
         self.on_backward: Any = None  # given to every program (Program.on_backward)
@@ -131,23 +156,36 @@ class RegionRunner:
             if not p.is_contiguous():  # registered zero copy: a contiguous copy becomes the parameter's data
                 with torch.no_grad():
                     p.data = p.data.contiguous()
-        param_arrays = [_array(p) for p in params]
-        buffer_arrays = [_array(b) for b in rg.buffers]
-        pool = self.pools.setdefault(key, _Pool())
+        param_arrays = [_registrable(p) for p in params]
+        buffer_arrays = [_registrable(b) for b in rg.buffers]
+        pool = self._pool(key)
         program = pool.take()
         if program is not None and not program.matches(param_arrays, buffer_arrays):
             program.release()  # the parameters moved (replaced or re-allocated): lower again
             program = None
         if program is None:
             batch = inputs[0].shape[0]
-            nworkers = sum(kind == "cpu" for kind, _ in runtime().workers) or 1
-            tiles = tile_ranges(batch, TILES_PER_WORKER * nworkers, runtime().settings.tile)
+            nworkers = len(runtime().workers)
+            tiles = tile_ranges(batch, tile_count(rg.graph, batch, nworkers, TILES_PER_WORKER), runtime().settings.tile)
             program = Program(rg.graph, batch, param_arrays, buffer_arrays, training, list(input_grads), tiles)
         program.on_backward = self.on_backward
         masks = self._dropout_masks(rg, inputs[0].dtype)
         factors = self._batchnorm_factors(rg)
         outputs = program.forward([_array(x.contiguous()) for x in inputs], masks, factors)
         return [self.wrap(o) for o in outputs], program, pool
+
+    def _pool(self, key: tuple) -> _Pool:
+        """The key's pool, most recently used last; past MAX_KEYS keys (input shapes, modes) the
+        least recently used one's idle programs are freed."""
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _Pool()
+            while len(self.pools) > MAX_KEYS:
+                _, old = self.pools.popitem(last=False)
+                for program in old.free:
+                    program.release()
+        self.pools.move_to_end(key)
+        return pool
 
     def _dropout_masks(self, rg: capture.RegionGraph, dtype: torch.dtype) -> dict[int, np.ndarray]:
         masks = {}
@@ -196,7 +234,8 @@ class WholeModel:
 
     def region_modules(self) -> list[str]:
         """The modules the regions run as task graphs, by name."""
-        return [node.target for step in self.partition.steps if isinstance(step, capture.Region)
+        single = getattr(self.gm, "lotus_single_layer", False)
+        return ["" if single else node.target for step in self.partition.steps if isinstance(step, capture.Region)
                 for node in step.nodes if node.op == "call_module"]
 
     def _meta(self, args: tuple) -> tuple[tuple, dict]:
@@ -236,12 +275,21 @@ class WholeModel:
                         "and offload the reloaded model again")
 
     def _check_devices(self, args: tuple) -> None:
+        """One clear error for inputs the graph cannot take, before anything runs. A model on a
+        CUDA device runs on a runtime with CUDA workers: its parameters and state are registered
+        on the GPU, the activations in host buffers StarPU moves (not yet run on a GPU)."""
         rt = runtime()
-        if any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args) and \
-                not any(kind == "cuda" for kind, _ in rt.workers):
-            raise ValueError("lotus_rt.offload: the input is on a CUDA device but the runtime has no CUDA worker "
-                             f"(engine {rt.engine!r}, workers {sorted({k for k, _ in rt.workers})}): move the model "
-                             "and its inputs to the CPU, or run a CUDA-enabled StarPU with STARPU_NCUDA >= 1")
+        for a in args:
+            if not isinstance(a, torch.Tensor):
+                continue
+            if a.device.type == "cuda" and not any(kind == "cuda" for kind, _ in rt.workers):
+                raise ValueError("lotus_rt.offload: the input is on a CUDA device but the runtime has no CUDA "
+                                 f"worker (engine {rt.engine!r}, workers {sorted({k for k, _ in rt.workers})}): move "
+                                 "the model and its inputs to the CPU, or run a CUDA-enabled StarPU with STARPU_NCUDA >= 1")
+            if a.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"the input is on {a.device.type}: offloaded layers take CPU tensors")
+            if a.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"the input has dtype {a.dtype}; offloaded layers take float32 or float64")
 
     def _run_region(self, region: capture.Region, env: dict, meta: dict, meta_key: tuple) -> None:
         runner = self.runners[id(region)]
@@ -266,7 +314,9 @@ class WholeModel:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             if node.op == "call_module":
-                env[node] = self.gm.get_submodule(node.target)(*args, **kwargs)
+                module = self.gm.get_submodule(node.target)
+                base = getattr(type(module), "_lotus_base", None)  # the offloaded layer itself: its own forward
+                env[node] = base.forward(module, *args, **kwargs) if base is not None else module(*args, **kwargs)
             elif node.op == "call_function":
                 env[node] = node.target(*args, **kwargs)
             elif node.op == "call_method":

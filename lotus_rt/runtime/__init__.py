@@ -190,6 +190,20 @@ class Runtime:
         self._check_not_recording("acquire()")
         self._engine.acquire(handle._ref, mode)
 
+    def _sync_home(self, handle: Handle, mode: str) -> None:
+        self._check_open()
+        self._check_not_in_task("written_at_home()/bring_home()")
+        self._check_not_paused("written_at_home()/bring_home()")
+        self._check_not_recording("written_at_home()/bring_home()")
+        if not handle.registered or handle.temporary:
+            raise ValueError("written_at_home()/bring_home() take a registered array or device array")
+        self._engine.sync_home(handle._ref, mode)
+
+    @property
+    def has_cuda(self) -> bool:
+        """Whether the runtime has a CUDA worker."""
+        return self._has_cuda
+
     def _release(self, handle: Handle) -> None:
         self._engine.release(handle._ref)
 

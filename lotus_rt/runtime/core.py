@@ -100,6 +100,17 @@ class Handle:
             self._registered = False
             self._runtime._unregister_submit(self)
 
+    def written_at_home(self) -> None:
+        """The data was changed in place at its home outside tasks (an optimizer's update of a
+        registered parameter, new inputs copied in): copies StarPU keeps on other memory nodes
+        are dropped, so the next task reads the new values. Nothing to do without CUDA workers."""
+        self._runtime._sync_home(self, "RW")
+
+    def bring_home(self) -> None:
+        """Make the home copy valid (tasks may have written a copy on a GPU) before reading the
+        data outside tasks while it stays registered. Nothing to do without CUDA workers."""
+        self._runtime._sync_home(self, "R")
+
     def acquire(self, mode: str = "R") -> "_Acquired":
         """Context manager giving the array back to Python for reading (R) or writing (RW)."""
         if mode not in ("R", "RW"):

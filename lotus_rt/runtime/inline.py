@@ -54,6 +54,9 @@ class InlineEngine:
     def release(self, ref: Any) -> None:
         pass
 
+    def sync_home(self, ref: Any, mode: str) -> None:
+        pass
+
     # step plans: the recorded tasks, run in order at every plan run
     def plan_new(self) -> list:
         return []

@@ -190,6 +190,17 @@ class StarPUEngine:
     def release(self, ref: Any) -> None:
         self._lib.lotus_release(ref)
 
+    def sync_home(self, ref: Any, mode: str) -> None:
+        """With CUDA workers: "RW" drops the copies of data written at home outside tasks, "R"
+        makes the home valid again after tasks wrote elsewhere. CPU workers use the home itself."""
+        if not self._pin:
+            return
+        self.start_held_tasks()
+        ret = self._lib.lotus_acquire_home(ref, self._mode_ints[mode])
+        if ret != 0:
+            raise RuntimeError(f"starpu_data_acquire_on_node failed with {ret}")
+        self._lib.lotus_release_home(ref)
+
     # ------------------------------------------------------------------ tasks
 
     def _c_codelet(self, codelet: Any) -> Any:

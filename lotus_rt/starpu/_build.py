@@ -66,6 +66,8 @@ void lotus_unregister(void *handle);
 void lotus_unregister_submit(void *handle);
 int lotus_acquire(void *handle, int mode);
 void lotus_release(void *handle);
+int lotus_acquire_home(void *handle, int mode);
+void lotus_release_home(void *handle);
 int lotus_pin(void *ptr, size_t size);
 int lotus_unpin(void *ptr, size_t size);
 int lotus_mode_r(void);

@@ -243,6 +243,21 @@ static int lotus_acquire(void *handle, int mode)
 
 static void lotus_release(void *handle) { starpu_data_release((starpu_data_handle_t)handle); }
 
+/* Acquire on the data's home node (main RAM or the GPU it was registered on): with RW, every
+ * other copy is dropped (the home was written outside tasks); with R, the home is made valid
+ * again (tasks wrote another copy). */
+static int lotus_acquire_home(void *handle, int mode)
+{
+    starpu_data_handle_t h = (starpu_data_handle_t)handle;
+    return starpu_data_acquire_on_node(h, starpu_data_get_home_node(h), (enum starpu_data_access_mode)mode);
+}
+
+static void lotus_release_home(void *handle)
+{
+    starpu_data_handle_t h = (starpu_data_handle_t)handle;
+    starpu_data_release_on_node(h, starpu_data_get_home_node(h));
+}
+
 static int lotus_pin(void *ptr, size_t size) { return starpu_memory_pin(ptr, size); }
 static int lotus_unpin(void *ptr, size_t size) { return starpu_memory_unpin(ptr, size); }
 

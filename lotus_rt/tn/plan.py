@@ -19,11 +19,21 @@ allows, there are at least as many chains as workers.
 Priorities come from the critical path: a step's priority grows with the work on the longest
 path from it to the output (its bottom level), so that long chains and shared steps start first.
 
-The plan cache. ``cached_plan`` is the one cache of plans in lotus_rt (einsum, the layers,
-the fused layer bodies' plans all come through it): it is keyed by (equation, shapes, dtypes,
-optimizer, tile request, workers) *before* parsing, since a layer asks for the same few plans
-at every call and parsing costs most of a lookup; its hits and misses are counted under the
-name "plans" (``lotus_rt.stats().caches["plans"]``).
+The plan cache. ``PLANS`` is the one cache of plans in lotus_rt, filled through two doors:
+``cached_plan`` for canonical equations (the layers and the fused layer bodies), and
+``cached_prepared`` for whatever a user hands ``lotus_rt.einsum`` / ``contract_expression``
+(the grammar of ``tn/grammar.py``: its canonical form is cached beside the plan, a ``Prepared``).
+Both are keyed by (equation, shapes, dtypes, optimizer, tile request, workers) *before*
+parsing, since a caller asks for the same few plans at every call and parsing costs most of a
+lookup; hits and misses are counted under the name "plans" (``lotus_rt.stats().caches["plans"]``).
+
+Optimizers. ``optimize`` takes what opt_einsum's ``contract`` takes: a path optimizer's name
+(``Settings``' ``path_optimizers()``), True ("auto"), False (one step over all operands, folded
+left to right), an ``opt_einsum.paths.PathOptimizer``, an explicit path (a list of tuples of
+operand positions, as ``opt_einsum.contract_path`` or ``numpy.einsum_path`` returns it, the
+latter's leading "einsum_path" included), or ``contract_path``'s whole ``(path, PathInfo)``
+result. ``optimizer_key`` turns it into a hashable key (a path into nested tuples); an
+explicit path is checked against the operand count before planning.
 """
 from __future__ import annotations
 
@@ -34,11 +44,13 @@ from typing import Sequence
 
 import numpy as np
 import opt_einsum
+from opt_einsum.contract import PathInfo
 
 from lotus_rt.kernels.contract import PairSpec, UnarySpec, pair_spec
 from lotus_rt.runtime.counters import cache_counter
 from lotus_rt.runtime.settings import path_optimizers
-from lotus_rt.tn import layouts
+from lotus_rt.tn import grammar, layouts
+from lotus_rt.tn.grammar import Canonical
 from lotus_rt.tn.network import Network, parse
 
 ASSUMED_FLOPS = 2e10  # per CPU worker, for tile sizing only: tasks measured 14-29 GFLOP/s (float32, 2026-11-27)
@@ -60,7 +72,7 @@ class Step:
 @dataclass(frozen=True)
 class Plan:
     network: Network
-    optimizer: str
+    optimizer: object  # an optimizer_key: a name, False, ("path", ((0, 1), ...)) or a PathOptimizer
     nodes: tuple[str, ...]  # the indices of every node
     steps: tuple[Step, ...]
     output_node: int
@@ -131,10 +143,64 @@ class PlanCache:
 PLANS = PlanCache()
 
 
-def cached_plan(equation: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[object], optimizer: str,
+def optimizer_key(optimize: object) -> object:
+    """A hashable form of ``optimize`` (see the module docstring); TypeError if it is none of the
+    accepted forms. Names and paths are checked on a cache miss (``check_optimizer``), so that a
+    call with a cached plan does not pay for it."""
+    if type(optimize) is str or optimize is False or isinstance(optimize, opt_einsum.paths.PathOptimizer):
+        return optimize
+    if optimize is True:
+        return "auto"
+    if (isinstance(optimize, tuple) and len(optimize) == 2
+            and isinstance(optimize[1], PathInfo)):  # contract_path's result
+        optimize = optimize[0]
+    if isinstance(optimize, (list, tuple)):
+        entries = list(optimize)
+        if entries and isinstance(entries[0], str) and entries[0] == "einsum_path":  # numpy.einsum_path
+            entries = entries[1:]
+        path = []
+        for n, entry in enumerate(entries):
+            if isinstance(entry, (str, bytes)) or not isinstance(entry, (list, tuple)) or not all(
+                    isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)) for p in entry):
+                raise TypeError(f"einsum: optimize path entry {n} is {entry!r}; a path is a list of tuples of "
+                                "operand positions, e.g. [(0, 1), (0, 1)]")
+            path.append(tuple(int(p) for p in entry))
+        return ("path", tuple(path))
+    raise TypeError(f"einsum: optimize={optimize!r} is not an optimizer; valid: {', '.join(path_optimizers())}, "
+                    "True, False, a PathOptimizer, an explicit path or opt_einsum.contract_path's result")
+
+
+def check_optimizer(key: object, noperands: int) -> None:
+    """Check an optimizer key: a known name, or a path that contracts ``noperands`` operands
+    into one (ValueError naming the bad entry)."""
+    if type(key) is str:
+        if key not in path_optimizers():
+            raise ValueError(f"einsum: unknown path optimizer {key!r}; valid: {', '.join(path_optimizers())}, "
+                             "True, False, a PathOptimizer or an explicit path")
+        return
+    if not (isinstance(key, tuple) and key and key[0] == "path"):
+        return
+    remaining = noperands
+    for n, entry in enumerate(key[1]):
+        if not entry or len(set(entry)) != len(entry) or not all(0 <= p < remaining for p in entry):
+            raise ValueError(f"einsum: optimize path entry {n} {entry} does not name distinct positions among "
+                             f"the {remaining} operand(s) left at that step")
+        remaining -= len(entry) - 1
+    if remaining != 1:
+        raise ValueError(f"einsum: the optimize path {list(key[1])} leaves {remaining} operands; a path must "
+                         f"contract all {noperands} into one")
+
+
+def _path_argument(key: object) -> object:
+    """What opt_einsum.contract_path takes for an optimizer key."""
+    return [tuple(e) for e in key[1]] if isinstance(key, tuple) and key and key[0] == "path" else key
+
+
+def cached_plan(equation: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[object], optimizer: object,
                 tile: int | None, nworkers: int) -> Plan:
-    """The plan of ``equation`` for operands of these shapes and dtypes, from the plan cache
-    (planned and stored on a miss). Bad input is a ValueError/TypeError naming the problem."""
+    """The plan of the canonical ``equation`` for operands of these shapes and dtypes, from the
+    plan cache (planned and stored on a miss). ``optimizer`` is an ``optimizer_key``. Bad input
+    is a ValueError/TypeError naming the problem."""
     try:
         # type(tile): True and 2.0 equal 1 and 2 as keys, but build_plan must get to refuse them
         key = (equation, tuple(map(tuple, shapes)), tuple(np.dtype(d).str for d in dtypes), optimizer,
@@ -145,15 +211,51 @@ def cached_plan(equation: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequen
     if plan is not None:
         return plan
     net = parse(equation, shapes, dtypes)
-    if optimizer not in path_optimizers():
-        raise ValueError(f"einsum: unknown path optimizer {optimizer!r}; valid: {', '.join(path_optimizers())}")
+    optimizer = optimizer_key(optimizer)
+    check_optimizer(optimizer, len(net.inputs))
     plan = build_plan(net, optimizer, tile, nworkers)
     if key is not None:
         PLANS.put(key, plan)
     return plan
 
 
-def build_plan(net: Network, optimizer: str = "auto", tile: int | None = None, nworkers: int = 1) -> Plan:
+@dataclass(frozen=True)
+class Prepared:
+    """A user's einsum ready to run: its canonical form and the plan of that (None when an index
+    has size 0: the result is zeros and no task runs)."""
+
+    canonical: Canonical
+    plan: Plan | None
+
+
+def cached_prepared(equation: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype],
+                    optimizer: object, tile: int | None, nworkers: int) -> Prepared:
+    """``equation`` in any grammar ``tn/grammar.py`` accepts, canonicalized and planned, from the
+    one plan cache. ``optimizer`` is an ``optimizer_key``. Every error detectable from the
+    equation, shapes and dtypes is raised here, before any task exists."""
+    try:
+        key = ("einsum", equation, tuple(shapes), tuple(d.str for d in dtypes), optimizer, tile, type(tile),
+               nworkers)
+        prepared = PLANS.get(key)
+    except (TypeError, AttributeError):  # unhashable or odd arguments: canonicalize explains
+        key = prepared = None
+    if prepared is not None:
+        return prepared
+    canon = grammar.canonicalize(equation, shapes, dtypes)
+    check_optimizer(optimizer, len(canon.shapes))
+    if tile is not None and (type(tile) is not int or tile <= 0):
+        raise ValueError(f"einsum: tile must be a positive int or None, got {tile!r}")
+    plan = None
+    if not canon.empty:
+        net = parse(canon.equation, canon.shapes, [canon.compute_dtype] * len(canon.shapes))
+        plan = build_plan(net, optimizer, tile, nworkers)
+    prepared = Prepared(canon, plan)
+    if key is not None:
+        PLANS.put(key, prepared)
+    return prepared
+
+
+def build_plan(net: Network, optimizer: object = "auto", tile: int | None = None, nworkers: int = 1) -> Plan:
     """Plan ``net`` (not cached: ``cached_plan`` is the cache); see the module docstring."""
     if tile is not None and (type(tile) is not int or tile <= 0):
         raise ValueError(f"einsum: tile must be a positive int or None, got {tile!r}")
@@ -185,7 +287,8 @@ def build_plan(net: Network, optimizer: str = "auto", tile: int | None = None, n
         reduced_eq = ",".join(nodes[c] for c in current) + "->" + output
         shapes = [tuple(sizes[i] for i in nodes[c]) for c in current]
         try:
-            path, info = opt_einsum.contract_path(reduced_eq, *shapes, shapes=True, optimize=optimizer)
+            path, info = opt_einsum.contract_path(reduced_eq, *shapes, shapes=True,
+                                                  optimize=_path_argument(optimizer))
         except (KeyError, TypeError, NotImplementedError) as exc:
             raise ValueError(f"einsum: unknown path optimizer {optimizer!r}: {exc}") from exc
         optimal_flops = float(info.opt_cost)
