@@ -202,10 +202,7 @@ def check_distributed(data: dict) -> None:
 
 CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_policies,
           "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero,
-          "decompose": check_decompose, "model": check_model}
-
-
-          "distributed": check_distributed}
+          "decompose": check_decompose, "model": check_model, "distributed": check_distributed}
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
