@@ -184,6 +184,19 @@ static void lotus_mpi_redux(void *handle, int priority)
 
 /* ---------------------------------------------------------------- tasks */
 
+/* The idle pause counts a task submitted here only once it is ready (StarPU calls a task's
+ * prologue callback when its dependencies, data received from other ranks included, are met,
+ * just before pushing it): while a rank only waits for messages, no task of it is outstanding,
+ * so its workers are paused instead of polling beside the ranks that compute (on 2 cores, 2
+ * ranks). The ready task is then counted like one just submitted: it resumes the workers at
+ * once when a thread waits (a wait, a barrier), else after START_BATCH ready tasks or the next
+ * wait. Its completion callback (lotus_task_done) uncounts it as usual. */
+static void lotus_count_when_ready(void *arg)
+{
+    (void)arg;
+    lotus_count_submit();
+}
+
 /* A counted no-op task reading `handle`: on an owner that did not run a task writing its data,
  * it orders this rank's task wait after the receive of the result (see the barrier note above). */
 static void lotus_noop(void *buffers[], void *arg) { (void)buffers; (void)arg; }
@@ -207,8 +220,9 @@ static void lotus_touch(starpu_data_handle_t handle)
     task->cl = &lotus_touch_cl;
     task->handles[0] = handle;
     task->callback_func = lotus_touch_done;
-    lotus_count_submit();
-    if (starpu_task_submit(task) != 0) lotus_count_done();
+    task->prologue_callback_func = lotus_count_when_ready;  /* counted once received */
+    if (starpu_task_submit(task) != 0)  /* cannot fail for a CPU no-op; if it did, nothing was counted */
+        return;
 }
 
 /* Owner-computes insertion (starpu_mpi_task_build / submit / starpu_mpi_task_post_build).
@@ -245,10 +259,9 @@ static struct lotus_rec *lotus_mpi_submit(struct lotus_codelet *c, void **handle
         if (!rec) {
             *executed = -1;
         } else {
-            lotus_count_submit();
+            rec->task->prologue_callback_func = lotus_count_when_ready;
             ret = starpu_task_submit(rec->task);
             if (ret != 0) {
-                lotus_count_done();
                 rec->task->destroy = 0;
                 starpu_task_destroy(rec->task);
                 free(rec);
