@@ -60,7 +60,7 @@ setup(
               + ["lotus_rt.kernels"]
               + ["lotus_rt.kernels." + p for p in find_packages("kernels")]),
     package_dir={"lotus_rt.kernels": "kernels"},
-    package_data={"lotus_rt.starpu": ["_shim.c"]},
+    package_data={"lotus_rt.starpu": ["_shim.c", "_mpi_shim.c"]},
     install_requires=[
         "numpy",
         "cffi>=1.15",

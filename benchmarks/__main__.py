@@ -34,6 +34,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "hetero": ("benchmarks.hetero", "policies x worker mixes (cpu, gpu, hybrid): GEMM DAG, TT and Tucker steps"),
     "decompose": ("benchmarks.decompose_bench", "Tucker, Tucker-2, CP, TT: lotus_rt.decompose vs tensorly, error and time"),
     "mps": ("benchmarks.mps_bench", "MPS classifier by DMRG sweeps: accuracy vs D, serial vs parallel sweeps, TT DMRG vs Adam"),
+    "distributed": ("benchmarks.distributed_bench", "data-parallel step at 1, 2, 4 ranks: StarPU-MPI vs torch DDP (gloo)"),
 }
 
 

@@ -8,6 +8,7 @@
     lotus-rt mps [--bond-dim 20] [--sweep realspace]   # MPS classifier trained by DMRG sweeps
     lotus-rt bench SCENARIO [--quick] ...       # = python -m benchmarks (needs a source checkout)
     lotus-rt trace [-o trace.json] -- python script.py [args]   # record any program's tasks
+    lotus-rt launch -n 4 -- python train.py     # mpirun with N StarPU-MPI ranks (lotus_rt.distributed)
 
 ``gemm`` is the runtime's end-to-end check on real StarPU: it prints the policy in force,
 per-worker task counts and busy time, and the error against one NumPy matmul. ``trace`` runs
@@ -152,6 +153,44 @@ def trace(output: str, command: list[str]) -> int:
     return code
 
 
+def launch(nranks: int, command: list[str]) -> int:
+    """Run ``command`` as ``nranks`` MPI ranks with mpirun (lotus_rt.distributed programs).
+
+    Each rank gets an equal share of the cores as StarPU CPU workers (STARPU_NCPU, at least 1)
+    and unbound workers (STARPU_WORKERS_NOBIND=1: every rank's StarPU would bind its workers to
+    the same first cores), unless those are set; Open MPI yields the core while it polls
+    (OMPI_MCA_mpi_yield_when_idle=1: StarPU-MPI's progression thread polls MPI_Test beside the
+    workers; measured on 2 cores, 2 ranks: backward 27-40 ms per step with it, 95-157 ms
+    without). mpirun binds nothing, oversubscribes when there are more ranks than cores, and
+    runs as root when it is root."""
+    import shutil
+    import subprocess
+
+    if not command:
+        print("lotus-rt launch: give the command after --, e.g. lotus-rt launch -n 2 -- python train.py",
+              file=sys.stderr)
+        return 2
+    if nranks < 1:
+        print(f"lotus-rt launch: -n must be at least 1, got {nranks}", file=sys.stderr)
+        return 2
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        print("lotus-rt launch: mpirun not found; install openmpi-bin libopenmpi-dev (make deps does)",
+              file=sys.stderr)
+        return 2
+    cores = os.cpu_count() or 1
+    env = dict(os.environ)
+    env.setdefault("STARPU_NCPU", str(max(1, cores // nranks)))
+    env.setdefault("STARPU_WORKERS_NOBIND", "1")
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    args = [mpirun, "-np", str(nranks), "--bind-to", "none", "-x", "STARPU_NCPU", "-x", "STARPU_WORKERS_NOBIND"]
+    if nranks > cores:
+        args.append("--oversubscribe")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-run-as-root")
+    return subprocess.call(args + command, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     omp.shorten_spin(os.environ)  # before the demo imports torch; `trace` and `bench` children inherit it
     parser = argparse.ArgumentParser(prog="lotus-rt", description=__doc__.splitlines()[0])
@@ -178,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p_trace.add_argument("-o", "--output", default="lotus_trace.json",
                          help="trace file: .json (Chrome trace) or .png (Gantt chart)")
     p_trace.add_argument("trace_command", nargs=argparse.REMAINDER)
+    p_launch = sub.add_parser("launch", help="run a command as N StarPU-MPI ranks: lotus-rt launch -n 4 -- python x.py")
+    p_launch.add_argument("-n", "--nranks", type=int, default=2)
+    p_launch.add_argument("launch_command", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after it belongs to the suite, options included
         return bench(argv[1:])
@@ -247,6 +289,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "mps":
         from lotus_rt.mps import cli as mps_cli
         return mps_cli.run(args)
+    if args.command == "launch":
+        return launch(args.nranks, args.launch_command[1:] if args.launch_command[:1] == ["--"] else args.launch_command)
     if args.command == "trace":
         command = args.trace_command[1:] if args.trace_command[:1] == ["--"] else args.trace_command
         return trace(args.output, command)

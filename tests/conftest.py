@@ -63,6 +63,23 @@ def starpu_skip_reason() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def mpi_skip_reason() -> str | None:
+    """Why StarPU-MPI programs cannot run here (no mpirun, or a binding built without
+    StarPU-MPI: its message says what is missing), or None."""
+    if shutil.which("mpirun") is None or shutil.which("timeout") is None:
+        return "mpirun (openmpi-bin) or coreutils timeout is not installed; `make deps` installs OpenMPI"
+    reason = starpu_skip_reason()
+    if reason:
+        return reason
+    from lotus_rt.starpu.mpi import load_mpi
+    try:
+        load_mpi()
+    except lotus_rt.StarPUUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CuPy, a CUDA GPU and a StarPU with a CUDA worker "
                                        "(skipped with the reason elsewhere)")

@@ -16,12 +16,12 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, describe, python_path, starpu_skip_reason
+from conftest import REPO_ROOT, describe, mpi_skip_reason, python_path, starpu_skip_reason
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 180
 ENV_KEYS = ("starpu_version", "workers", "policy", "date")
-NEEDS_STARPU = {"policies", "ncpu", "hetero"}   # they vary StarPU settings across processes
+NEEDS_STARPU = {"policies", "ncpu", "hetero", "distributed"}   # they vary StarPU settings across processes
 # more arguments for a scenario's quick run: hetero traces a CPU run (no hybrid run without a GPU)
 EXTRA_ARGS = {"hetero": ["--gantt", "cpu:dmda"]}
 
@@ -188,15 +188,29 @@ def check_decompose(data: dict) -> None:
     assert data["all_met"] == all(r["met"] for r in rows)
 
 
+def check_distributed(data: dict) -> None:
+    (row,) = data["summary"]  # quick: 2 ranks, strong scaling
+    assert row["ranks"] == 2 and row["mode"] == "strong"
+    assert row["lotus_ms"] > 0 and row["ddp_ms"] > 0 and row["lotus_over_ddp"] == pytest.approx(row["lotus_ms"] / row["ddp_ms"])
+    assert not data["failed"]
+    lotus = [r for r in data["runs"] if r["kind"] == "lotus"]
+    assert lotus and all(r["status"] == "ok" and r["ranks_agree"] for r in lotus)
+    # rank 0 runs 9 reduction tasks a step (6 parameters, 2 ranks: roots alternate)
+    assert row["overlap"]["reductions"] == 9 * data["config"]["steps"]
+    assert {r["kind"] for r in data["runs"]} == {"lotus", "ddp"}
+
+
 CHECKS = {"overhead": check_overhead, "einsum": check_einsum, "policies": check_policies,
           "ncpu": check_ncpu, "tiles": check_tiles, "layers": check_layers, "hetero": check_hetero,
-          "decompose": check_decompose, "model": check_model}
+          "decompose": check_decompose, "model": check_model, "distributed": check_distributed}
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_scenario_quick_writes_json_and_png(name, tmp_path):
     if name in NEEDS_STARPU and starpu_skip_reason():
         pytest.skip(starpu_skip_reason())
+    if name == "distributed" and mpi_skip_reason():
+        pytest.skip(mpi_skip_reason())
     out = tmp_path / "out"
     proc = run_benchmarks(["-m", "benchmarks", name, "--quick", "--out", str(out), *EXTRA_ARGS.get(name, [])],
                           tmp_path)
@@ -228,7 +242,7 @@ def test_list_and_unknown_scenario(tmp_path):
     assert proc.returncode == 0, describe(proc)
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     assert listed == ["overhead", "einsum", "layers", "model", "policies", "ncpu", "tiles", "hetero", "decompose",
-                      "all"], proc.stdout
+                      "distributed", "all"], proc.stdout
     proc = run_benchmarks(["-m", "benchmarks", "no-such-scenario"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "unknown scenario 'no-such-scenario'" in proc.stderr, describe(proc)
 

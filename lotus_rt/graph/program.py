@@ -19,7 +19,7 @@ the home copies themselves and nothing is needed.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -88,6 +88,9 @@ class Program:
                                  self.input_grads)
         self.with_backward = bool(self.lowering.needs)
         self.generation = 0  # forwards run: a backward belongs to the forward of its generation
+        # Called with this program after its backward plan is submitted and before the wait: more
+        # tasks for the same step graph (lotus_rt.distributed's cross-rank gradient reduction).
+        self.on_backward: Callable[["Program"], None] | None = None
         self._forward: StepPlan | None = None
         self._backward: StepPlan | None = None
         try:
@@ -157,7 +160,11 @@ class Program:
                 for t in range(len(self.tiles)):
                     lw.grad_source(v, t).written_at_home()
         self._backward.run()
-        self.rt.wait()
+        try:
+            if self.on_backward is not None:
+                self.on_backward(self)
+        finally:
+            self.rt.wait()
         if self.rt.has_cuda:
             for handle in lw.result_grad_handles(self.input_grads):
                 handle.bring_home()

@@ -124,6 +124,7 @@ class RegionRunner:
         self.pools: collections.OrderedDict[tuple, _Pool] = collections.OrderedDict()
         self.graphs: dict[tuple, capture.RegionGraph] = {}
         self.device = torch.device("cpu")
+        self.on_backward: Any = None  # given to every program (Program.on_backward)
 
     def wrap(self, array: np.ndarray | None) -> torch.Tensor | None:
         return None if array is None else torch.from_numpy(array).to(self.device)
@@ -167,6 +168,7 @@ class RegionRunner:
             nworkers = len(runtime().workers)
             tiles = tile_ranges(batch, tile_count(rg.graph, batch, nworkers, TILES_PER_WORKER), runtime().settings.tile)
             program = Program(rg.graph, batch, param_arrays, buffer_arrays, training, list(input_grads), tiles)
+        program.on_backward = self.on_backward
         masks = self._dropout_masks(rg, inputs[0].dtype)
         factors = self._batchnorm_factors(rg)
         outputs = program.forward([_array(x.contiguous()) for x in inputs], masks, factors)

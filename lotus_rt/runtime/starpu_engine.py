@@ -116,6 +116,7 @@ class StarPUEngine:
         self._codelets_lock = threading.Lock()
         self._footprints: dict[Any, int] = {}
         self._orphans: list[tuple[Any, np.ndarray]] = []
+        self.before_shutdown: list[Any] = []  # called before starpu_shutdown (StarPU-MPI's, runtime/mpi.py)
         self._mode_ints = {"R": self._lib.lotus_mode_r(), "W": self._lib.lotus_mode_w(),
                            "RW": self._lib.lotus_mode_rw()}
         self._max_buffers = self._lib.lotus_max_buffers()
@@ -394,6 +395,8 @@ class StarPUEngine:
         while self._lib.lotus_user_resume() == 0:  # starpu_shutdown needs running workers
             pass
         self.wait_all()
+        while self.before_shutdown:
+            self.before_shutdown.pop()()
         self._lib.lotus_idle_pause_configure(0, START_BATCH)  # resumes: starpu_shutdown needs the workers
         self._lib.lotus_shutdown()
         for c in self._codelets.values():

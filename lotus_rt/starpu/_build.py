@@ -9,6 +9,11 @@ names lotus_* functions from ``_shim.c``, whose signatures do not depend on the 
 
 pkg-config runs only when a build asks for the FFI (``make_ffibuilder()``, which setup.py names
 in ``cffi_modules``), never when the package is imported.
+
+StarPU-MPI: when pkg-config also finds ``starpumpi-<same series>`` and the MPI compiler flags are
+found (``pkg-config ompi``, else ``mpicc --showme:compile/link``), ``_mpi_shim.c`` is compiled in
+(``LOTUS_WITH_MPI``, included at the end of ``_shim.c``) and ``MPI_CDEF`` is appended; otherwise
+the binding is built as without it and ``find_starpumpi()`` says what was missing.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import os
 import pathlib
 import shlex
 import subprocess
+import sys
 
 from cffi import FFI
 
@@ -99,6 +105,28 @@ extern "Python" void lotus_py_exec(uint64_t id, void **ptrs, int n, int kind, in
 """
 
 
+MPI_CDEF = """
+int lotus_mpi_init(void *comm, int *rank, int *size);
+int lotus_mpi_shutdown(void);
+int lotus_mpi_initialized(void);
+int lotus_mpi_finalized(void);
+int lotus_mpi_rank(void);
+int lotus_mpi_size(void);
+int lotus_mode_redux(void);
+void lotus_mpi_data_register(void *handle, int64_t tag, int owner);
+int lotus_mpi_data_owner(void *handle);
+int64_t lotus_mpi_data_tag(void *handle);
+void lotus_mpi_cache_flush(void *handle);
+int lotus_mpi_set_redux_sum(void *handle, int dtype);
+void lotus_mpi_redux(void *handle, int priority);
+lotus_rec *lotus_mpi_submit(lotus_codelet *c, void **handles, int *modes, int n, int priority,
+                            const char *name, uint64_t id, uint32_t footprint, int execute_on, int *executed);
+int lotus_mpi_wait_all(void);
+int lotus_mpi_barrier(void);
+void lotus_mpi_abort(int code);
+"""
+
+
 class StarPUNotFound(RuntimeError):
     """No StarPU development files were found by pkg-config."""
 
@@ -131,13 +159,54 @@ def find_starpu() -> tuple[str, str, list[str], list[str]]:
         "(apt-get install libstarpu-dev pkg-config) or set STARPU_PREFIX to a StarPU install")
 
 
+class MPINotFound(RuntimeError):
+    """StarPU-MPI (starpumpi) or the MPI compiler flags were not found."""
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> str:
+    return subprocess.run(args, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def find_starpumpi(starpu_name: str) -> tuple[str, list[str], list[str]]:
+    """Return (pkg name, cflags, libs) of StarPU-MPI for ``starpu_name`` plus MPI's own flags;
+    raise MPINotFound saying what is missing."""
+    env = _pkg_config_env()
+    name = starpu_name.replace("starpu-", "starpumpi-")
+    try:
+        flags = shlex.split(_run(["pkg-config", "--cflags", "--libs", name], env))
+    except (OSError, subprocess.CalledProcessError):
+        raise MPINotFound(f"pkg-config finds no {name} (StarPU-MPI, shipped with libstarpu-dev)") from None
+    try:
+        mpi = shlex.split(_run(["pkg-config", "--cflags", "--libs", "ompi"], env))
+    except (OSError, subprocess.CalledProcessError):
+        try:
+            mpi = shlex.split(_run(["mpicc", "--showme:compile"]) + " " + _run(["mpicc", "--showme:link"]))
+        except (OSError, subprocess.CalledProcessError):
+            raise MPINotFound("no MPI compiler flags (neither `pkg-config ompi` nor `mpicc --showme`): "
+                              "install openmpi-bin libopenmpi-dev (make deps does)") from None
+    return name, [f for f in flags + mpi if not f.startswith(("-L", "-l"))], \
+        [f for f in flags + mpi if f.startswith(("-L", "-l"))]
+
+
 def make_ffibuilder() -> FFI:
-    _, _, cflags, libs = find_starpu()
-    include_dirs = [f[2:] for f in cflags if f.startswith("-I")]
-    library_dirs = [f[2:] for f in libs if f.startswith("-L")]
-    libraries = [f[2:] for f in libs if f.startswith("-l")]
+    starpu_name, _, cflags, libs = find_starpu()
+    cdef, macros, extra_compile = CDEF, [], []
+    try:
+        mpi_name, mpi_cflags, mpi_libs = find_starpumpi(starpu_name)
+    except MPINotFound as exc:
+        print(f"lotus_rt: building the StarPU binding WITHOUT StarPU-MPI: {exc}", file=sys.stderr)
+    else:
+        print(f"lotus_rt: building the StarPU binding with StarPU-MPI ({mpi_name})", file=sys.stderr)
+        cdef += MPI_CDEF
+        macros.append(("LOTUS_WITH_MPI", "1"))
+        cflags = cflags + mpi_cflags + [f"-I{HERE}"]  # _shim.c #includes _mpi_shim.c
+        libs = libs + mpi_libs
+        extra_compile = [f for f in mpi_cflags if not f.startswith("-I")]
+    include_dirs = list(dict.fromkeys(f[2:] for f in cflags if f.startswith("-I")))
+    library_dirs = list(dict.fromkeys(f[2:] for f in libs if f.startswith("-L")))
+    libraries = list(dict.fromkeys(f[2:] for f in libs if f.startswith("-l")))
     ffibuilder = FFI()
-    ffibuilder.cdef(CDEF)
+    ffibuilder.cdef(cdef)
     ffibuilder.set_source(
         "lotus_rt.starpu._lotus_starpu",
         (HERE / "_shim.c").read_text(),
@@ -145,7 +214,8 @@ def make_ffibuilder() -> FFI:
         library_dirs=library_dirs,
         libraries=libraries,
         runtime_library_dirs=library_dirs,
-        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+        define_macros=macros,
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"] + extra_compile,
         py_limited_api=False,  # same file name (.cpython-3X-...so) from pip and from `python -m`
     )
     return ffibuilder

@@ -705,3 +705,7 @@ static void lotus_trace_clear(void)
     lotus_trace_written = 0;
     pthread_mutex_unlock(&lotus_trace_mutex);
 }
+
+#ifdef LOTUS_WITH_MPI
+#include "_mpi_shim.c"  /* StarPU-MPI: ranks, owner-computes tasks, reductions (see that file) */
+#endif
