@@ -242,7 +242,7 @@ def test_list_and_unknown_scenario(tmp_path):
     assert proc.returncode == 0, describe(proc)
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     assert listed == ["overhead", "einsum", "layers", "model", "policies", "ncpu", "tiles", "hetero", "decompose",
-                      "distributed", "all"], proc.stdout
+                      "mps", "distributed", "all"], proc.stdout
     proc = run_benchmarks(["-m", "benchmarks", "no-such-scenario"], tmp_path, timeout=60)
     assert proc.returncode == 2 and "unknown scenario 'no-such-scenario'" in proc.stderr, describe(proc)
 
