@@ -114,7 +114,7 @@ class Lowering:
         self.grad_written: dict[tuple[int, int], bool] = {}
         self.pgrad: dict[int, list[tuple[np.ndarray, Handle] | None]] = {}
         self.scratch: dict[tuple[int, str], Any] = {}
-        self.kept: dict[tuple[int, int], Forward] = {}  # a tensor-network op's saved forward per tile
+        self.kept: dict[int, Forward] = {}  # a tensor-network op's saved forward
         self.masks: dict[int, list[np.ndarray]] = {}  # dropout masks (written by the caller per step)
         self.bn_factors: dict[int, np.ndarray] = {}  # batch norm's running-average factor per step
         self.order = {id(op): k for k, op in enumerate(g.ops)}
@@ -340,18 +340,31 @@ def linear_backward(lw: Lowering, op: Op) -> None:
     _weighted_backward(lw, op, C.LINEAR_DX, C.LINEAR_DW, lambda t: [w], lambda t: [(lw.value(x, t), "R")], kwargs)
 
 
-def contract_forward(lw: Lowering, op: Op) -> None:
-    """A tensor-network layer (TT linear): the planner's pairwise GEMM steps on each tile."""
+def _contract_plan(lw: Lowering, op: Op) -> Any:
+    """The tensor network's plan for the whole batch, cut into the graph's tiles: steps that touch
+    only the cores (batch-independent) run once per pass and are shared by every tile."""
     a = op.attrs
-    cores = [p for p in op.params[:len(op.params) - int(a["bias"])]]
-    core_handles = [lw.param_handles[p] for p in cores]
-    for t in range(lw.ntiles):
-        shapes = [(lw.rows(t),) + tuple(a["in_shape"])] + [lw.graph.params[p].shape for p in cores]
-        plan = plan_for(a["equation"], shapes, lw.graph.values[op.output].dtype, tile=lw.rows(t), rt=lw.rt)
-        _, kept = submit_forward(lw.rt, plan, [lw.value(op.inputs[0], t)] + core_handles, lw.value(op.output, t),
-                                 keep=True, label=f"{op.name}[{t}]")
-        lw.kept[(id(op), t)] = kept
-        if a["bias"]:
+    cores = op.params[:len(op.params) - int(a["bias"])]
+    batch = lw.graph.values[op.inputs[0]].shape[0]
+    shapes = [(batch,) + tuple(a["in_shape"])] + [lw.graph.params[p].shape for p in cores]
+    plan = plan_for(a["equation"], shapes, lw.graph.values[op.output].dtype, tile=lw.rows(0), rt=lw.rt)
+    if plan.ntiles != lw.ntiles or (plan.tile_index is not None and plan.tiles() != list(lw.tiles)):
+        raise NotImplementedError(f"{op.name}: the planner cut the batch into {plan.ntiles} tiles, the graph "
+                                  f"into {lw.ntiles}")
+    return plan
+
+
+def contract_forward(lw: Lowering, op: Op) -> None:
+    """A tensor-network layer (TT linear): the planner's pairwise GEMM steps over the tiles."""
+    a = op.attrs
+    cores = op.params[:len(op.params) - int(a["bias"])]
+    tiles = range(lw.ntiles)
+    _, kept = submit_forward(lw.rt, _contract_plan(lw, op), [[lw.value(op.inputs[0], t) for t in tiles]]
+                             + [lw.param_handles[p] for p in cores], [lw.value(op.output, t) for t in tiles],
+                             keep=True, label=op.name, priority=lw.forward_priority(op, 0))
+    lw.kept[id(op)] = kept
+    if a["bias"]:
+        for t in tiles:
             lw.submit(BIAS_ADD, (lw.param_handles[op.params[-1]], "R"), (lw.value(op.output, t), "RW"),
                       priority=lw.forward_priority(op, t), name=f"{op.name}_bias[{t}]", axis=1,
                       span=len(a["out_shape"]))
@@ -360,41 +373,38 @@ def contract_forward(lw: Lowering, op: Op) -> None:
 def contract_backward(lw: Lowering, op: Op) -> None:
     a = op.attrs
     ncores = len(op.params) - int(a["bias"])
-    x = op.inputs[0]
-    for t in range(lw.ntiles):
-        gy = lw.grad_source(op.output, t)
-        if gy is None:
-            continue
-        targets: dict[int, Handle] = {}
-        adds: list[tuple[Handle, Handle]] = []  # (fresh gradient, buffer to add it into)
+    x, tiles = op.inputs[0], range(lw.ntiles)
+    sources = [lw.grad_source(op.output, t) for t in tiles]
+    if any(g is None for g in sources):
+        return
+    dtype = lw.graph.values[op.output].dtype
+    targets: dict[int, Any] = {}
+    adds: list[tuple[Handle, Handle]] = []  # (fresh gradient, buffer to add it into)
 
-        def slot(k: int, target: tuple[Handle, bool], shape: tuple[int, ...], dtype: Any) -> None:
-            handle, accumulate = target
-            if accumulate:  # the steps write their gradient: a fresh buffer, added after
-                fresh = lw._new(shape, dtype)[1]
-                targets[k] = fresh
-                adds.append((fresh, handle))
-            else:
-                targets[k] = handle
+    def target(handle: Handle, accumulate: bool, shape: tuple[int, ...]) -> Handle:
+        if not accumulate:
+            return handle
+        fresh = lw._new(shape, dtype)[1]  # the steps write their gradient: a fresh buffer, added after
+        adds.append((fresh, handle))
+        return fresh
 
-        dtype = lw.graph.values[op.output].dtype
-        if x in lw.needs:
-            slot(0, lw.grad_target(x, t), (lw.rows(t),) + tuple(a["in_shape"]), dtype)
-        for k in range(ncores):
-            if _needs_param(lw, op, k):
-                slot(k + 1, lw.pgrad_target(op.params[k], t), lw.graph.params[op.params[k]].shape, dtype)
-        if targets:
-            submit_backward(lw.rt, lw.kept[(id(op), t)], gy, sorted(targets), targets, label=f"{op.name}[{t}]")
-        if a["bias"] and lw.graph.params[op.params[-1]].requires_grad:
+    if x in lw.needs:
+        targets[0] = [target(*lw.grad_target(x, t), (lw.rows(t),) + tuple(a["in_shape"])) for t in tiles]
+    for k in range(ncores):
+        if _needs_param(lw, op, k):
+            targets[k + 1] = target(*lw.pgrad_target(op.params[k], 0), lw.graph.params[op.params[k]].shape)
+    prio = lw.backward_priority(op, 0, True)
+    if targets:
+        submit_backward(lw.rt, lw.kept[id(op)], sources, sorted(targets), targets, label=op.name, priority=prio)
+    if a["bias"] and lw.graph.params[op.params[-1]].requires_grad:
+        for t in tiles:
             handle, accumulate = lw.pgrad_target(op.params[-1], t)
-            target = lw._new(lw.graph.params[op.params[-1]].shape, dtype)[1] if accumulate else handle
-            lw.submit(BIAS_GRAD, (gy, "R"), (target, "W"), priority=lw.backward_priority(op, t, False),
-                      name=f"{op.name}_bias[{t}]", axis=1, span=len(a["out_shape"]))
-            if accumulate:
-                adds.append((target, handle))
-        for fresh, into in adds:
-            lw.submit(C.ADD_INTO, (fresh, "R"), (into, "RW"), priority=lw.backward_priority(op, t, False),
-                      name=f"{op.name}_acc[{t}]")
+            lw.submit(BIAS_GRAD, (sources[t], "R"),
+                      (target(handle, accumulate, lw.graph.params[op.params[-1]].shape), "W"),
+                      priority=lw.backward_priority(op, t, False), name=f"{op.name}_bias[{t}]", axis=1,
+                      span=len(a["out_shape"]))
+    for fresh, into in adds:
+        lw.submit(C.ADD_INTO, (fresh, "R"), (into, "RW"), priority=prio, name=f"{op.name}_acc")
 
 
 def _input_grad_tasks(lw: Lowering, op: Op, codelet: Codelet, reads: Callable[[int], list[tuple[Handle, str]]],

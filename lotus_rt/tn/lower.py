@@ -52,7 +52,16 @@ class Forward:
         self.temporaries.clear()
 
 
-def _operand_slots(plan: Plan, node: int, handle: Handle) -> list[Slot]:
+Operand = Handle | list  # a whole registered array, or one handle per tile of a tiled node
+
+
+def _operand_slots(plan: Plan, node: int, handle: Operand) -> list[Slot]:
+    if isinstance(handle, list):  # already one handle per tile (a caller that tiles its own data)
+        if plan.is_tiled(node) and len(handle) == plan.ntiles:
+            return [Slot(h) for h in handle]
+        if not plan.is_tiled(node) and len(handle) == 1:
+            return [Slot(handle[0])] * plan.ntiles
+        raise ValueError(f"{len(handle)} per-tile handles for a node of {plan.ntiles} tile(s)")
     if not plan.is_tiled(node):
         return [Slot(handle)] * plan.ntiles
     axis = plan.nodes[node].index(plan.tile_index)
@@ -68,16 +77,16 @@ def _output_slots(rt: Runtime, plan: Plan, out: np.ndarray) -> tuple[list[Slot],
 
 
 def _submit_step(rt: Runtime, step: Step, inputs: list[Slot], out: Slot, out_mode: str = "W",
-                 spec: Any = None, name: str = "") -> None:
+                 spec: Any = None, name: str = "", offset: int = 0) -> None:
     spec = step.spec if spec is None else spec
     if len(inputs) == 2:
         (a, b) = inputs
-        rt.submit(PAIR, (a.handle, "R"), (b.handle, "R"), (out.handle, out_mode), priority=step.priority,
+        rt.submit(PAIR, (a.handle, "R"), (b.handle, "R"), (out.handle, out_mode), priority=step.priority + offset,
                   name=name or "pair", spec=spec, a_slice=a.slab, b_slice=b.slab, out_slice=out.slab,
                   precision=rt.settings.precision)
     else:
         (a,) = inputs
-        rt.submit(UNARY, (a.handle, "R"), (out.handle, out_mode), priority=step.priority,
+        rt.submit(UNARY, (a.handle, "R"), (out.handle, out_mode), priority=step.priority + offset,
                   name=name or "unary", spec=spec, a_slice=a.slab, out_slice=out.slab)
 
 
@@ -88,21 +97,21 @@ def _named(base: str, label: str, fallback: str) -> str:
     return f"{base} {label}"[:47]
 
 
-def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndarray | Handle,
-                   keep: bool = False, label: str = "") -> tuple[list[Handle], Forward | None]:
+def submit_forward(rt: Runtime, plan: Plan, operands: list[Operand], out: np.ndarray | Operand,
+                   keep: bool = False, label: str = "", priority: int = 0) -> tuple[list[Handle], Forward | None]:
     """Submit the plan's tasks computing ``out``; returns the output handles (unregister them
     to get the result) and, with ``keep``, the Forward a backward pass needs. ``out`` may also
     be a handle the caller registered (an untiled plan only): then no output handle is returned.
-    ``label`` names the tasks "<step kind> <label>" (e.g. the layer and tile they belong to)."""
+    ``label`` names the tasks "<step kind> <label>" (e.g. the layer and tile they belong to).
+    A tiled operand (and the output) may also come as one handle per tile, e.g. a caller that
+    keeps its batch in tile buffers; ``priority`` is added to every step's own priority."""
     values: dict[int, list[Slot]] = {k: _operand_slots(plan, k, h) for k, h in enumerate(operands)}
     readers = {node: 0 for node in range(len(plan.nodes))}
     for step in plan.steps:
         for node in step.inputs:
             readers[node] += 1
-    if isinstance(out, Handle):
-        if plan.tile_index is not None:
-            raise ValueError("submit_forward: a registered output handle needs an untiled plan")
-        out_slots, out_handles = [Slot(out)], []
+    if isinstance(out, (Handle, list)):
+        out_slots, out_handles = _operand_slots(plan, plan.output_node, out if isinstance(out, list) else [out]), []
     else:
         out_slots, out_handles = _output_slots(rt, plan, out)
     temporaries: list[Handle] = []
@@ -119,7 +128,8 @@ def submit_forward(rt: Runtime, plan: Plan, operands: list[Handle], out: np.ndar
             temporaries.extend(_distinct(values[step.output]))
         for t in range(plan.ntiles if step.tiled else 1):
             _submit_step(rt, step, [values[i][t] for i in step.inputs], values[step.output][t],
-                         name=_named(step.kind, label, f"{step.kind}{n}" + (f"[{t}]" if step.tiled else "")))
+                         name=_named(step.kind, label, f"{step.kind}{n}" + (f"[{t}]" if step.tiled else "")),
+                         offset=priority)
         if not keep:
             for node in step.inputs:
                 readers[node] -= 1
@@ -140,12 +150,13 @@ def _distinct(slots: list[Slot]) -> list[Slot]:
     return result
 
 
-def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[int],
-                    grads: dict[int, Handle], label: str = "") -> None:
+def submit_backward(rt: Runtime, forward: Forward, grad_out: Operand, wrt: list[int],
+                    grads: dict[int, Operand], label: str = "", priority: int = 0) -> None:
     """Submit the tasks writing d(output)/d(operand k) into ``grads[k]`` for every k in ``wrt``.
 
-    ``grad_out`` holds the gradient of the output (registered whole); ``grads[k]`` are
-    registered arrays shaped like operand k. Wait on the runtime, then unregister them.
+    ``grad_out`` holds the gradient of the output (registered whole, or one handle per tile);
+    ``grads[k]`` are registered arrays shaped like operand k (or, for a tiled operand, one
+    handle per tile). Wait on the runtime, then unregister them.
     """
     plan, values = forward.plan, forward.values
     ninputs = len(plan.network.inputs)
@@ -185,22 +196,33 @@ def submit_backward(rt: Runtime, forward: Forward, grad_out: Handle, wrt: list[i
             if step.tiled and plan.is_tiled(x):
                 slots = [temp(x, tile) for tile in plan.tiles()]
                 for t, slot in enumerate(slots):
-                    _submit_step(rt, step, sources(t), slot, spec=spec,
+                    _submit_step(rt, step, sources(t), slot, spec=spec, offset=priority,
                                  name=_named("d" + step.kind, label, f"d{step.kind}{n}[{t}]"))
             elif step.tiled:  # x is shared by every tile: one partial per tile, then a sum tree
                 partials = [temp(x, None) for _ in plan.tiles()]
                 for t, slot in enumerate(partials):
-                    _submit_step(rt, step, sources(t), slot, spec=spec,
+                    _submit_step(rt, step, sources(t), slot, spec=spec, offset=priority,
                                  name=_named("d" + step.kind, label, f"d{step.kind}{n}[{t}]"))
-                slots = [sum_tree(rt, partials, step.priority, _named("dsum", label, "dsum"))] * plan.ntiles
+                slots = [sum_tree(rt, partials, step.priority + priority, _named("dsum", label, "dsum"))] * plan.ntiles
             else:  # an operand's gradient is written straight into its destination
-                slot = Slot(grads[x]) if x < ninputs else temp(x, None)
-                _submit_step(rt, step, sources(0), slot, spec=spec, name=_named("d" + step.kind, label, f"d{step.kind}{n}"))
+                dest = grads.get(x) if x < ninputs else None
+                if isinstance(dest, list):
+                    dest = dest[0] if len(dest) == 1 else None
+                slot = Slot(dest) if dest is not None else temp(x, None)
+                _submit_step(rt, step, sources(0), slot, spec=spec, offset=priority,
+                             name=_named("d" + step.kind, label, f"d{step.kind}{n}"))
                 slots = [slot] * plan.ntiles
             gradient[x] = slots
     for k in wrt:
-        if gradient[k][0].handle is not grads[k]:
-            _copy_into(rt, plan, k, gradient[k], grads[k], _named("dcopy", label, "dcopy"))
+        dest = grads[k]
+        if isinstance(dest, list):
+            for t, (slot, handle) in enumerate(zip(gradient[k], dest)):
+                if slot.handle is not handle:
+                    idx = plan.nodes[k]
+                    rt.submit(UNARY, (slot.handle, "R"), (handle, "W"), name=_named("dcopy", label, "dcopy"),
+                              spec=kernels.UnarySpec("einsum", f"{idx}->{idx}"), priority=priority)
+        elif gradient[k][0].handle is not dest:
+            _copy_into(rt, plan, k, gradient[k], dest, _named("dcopy", label, "dcopy"))
     for handle in owned:
         handle.unregister_submit()
 
