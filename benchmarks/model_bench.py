@@ -15,8 +15,9 @@ process, interleaved rounds after a warm-up:
   only: compiling takes minutes on 2 cores; the reason is recorded where it is skipped).
 
 One training step is forward, cross-entropy, backward (gradients of every parameter), zeroing the
-gradients before; the optimizer's update is the same on every side and is left out. The outputs,
-losses and gradients of the offloaded model are checked against eager first. Ratios are
+gradients before; the optimizer's update is the same on every side and is left out. The loss and
+gradients of the offloaded model are checked against eager first, in float64 (relative 1e-10);
+both sides' float32 drift from that float64 step is reported next to it. Ratios are
 eager_time / variant_time per round (> 1: faster than eager); the dense eager step of the same
 model is the second baseline (what tensorizing buys a user). A Gantt chart of one offloaded step
 of the tensorized demo model is drawn, coloured by layer.
@@ -48,7 +49,13 @@ from torch import nn  # noqa: E402
 import lotus_rt  # noqa: E402
 from benchmarks import common  # noqa: E402
 
-MAX_REL_ERROR = 1e-4
+# The offloaded step must match torch's to this relative error in float64, where the two are the
+# same arithmetic up to summation order. In float32 a ReLU whose input lies within rounding of
+# zero can flip its mask; with batch norm after a convolution the weight gradient is a small
+# difference of large sums (BN makes the loss invariant to the weight's scale), so one flipped
+# element can move it by ~1e-3 relative. That drift is reported for torch and lotus alike
+# (``float32_drift``), measured against the float64 step; it is not a correctness check.
+MAX_REL_ERROR = common.MAX_REL_ERROR["float64"]
 TARGETS = {"tensorized lotus vs tensorized eager": 1.0, "tensorized lotus vs dense eager": 1.0,
            "dense lotus vs dense eager": 0.9}
 
@@ -126,12 +133,23 @@ def _steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> fl
     return (time.perf_counter() - start) / steps
 
 
-def max_rel_error(model: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    seen = []
-    for m in (reference, model):
-        loss = training_step(m, x, y)
-        seen.append([loss.detach()] + [p.grad for p in m.parameters()])
-    return max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-3)) for a, b in zip(*seen))
+def _step_values(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    loss = training_step(model, x, y)
+    return [loss.detach().double()] + [p.grad.double() for p in model.parameters()]
+
+
+def _max_rel(reference: list[torch.Tensor], values: list[torch.Tensor]) -> float:
+    return max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-3)) for a, b in zip(reference, values))
+
+
+def step_errors(reference: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Loss and every parameter gradient of one step: the offloaded model against torch in
+    float64 (the correctness check), and torch's and lotus_rt's float32 against float64."""
+    exact = _step_values(copy.deepcopy(reference).double(), x.double(), y)
+    offloaded64 = lotus_rt.offload(copy.deepcopy(reference).double())
+    drift = {"torch": _max_rel(exact, _step_values(copy.deepcopy(reference), x, y)),
+             "lotus": _max_rel(exact, _step_values(lotus_rt.offload(copy.deepcopy(reference)), x, y))}
+    return {"max_rel_error": _max_rel(exact, _step_values(offloaded64, x.double(), y)), "float32_drift": drift}
 
 
 def _compiled(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[nn.Module | None, str | None, float]:
@@ -156,10 +174,11 @@ def run_model(name: str, make, sample_shape, tensorize: dict, batch: int, repeat
         if variant == "tensorized":
             lotus_rt.tensorize(reference, verbose=False, **tensorize)
         reference = reference.to(device)
+        errors = step_errors(reference, x, y)
         offloaded = lotus_rt.offload(copy.deepcopy(reference))
-        error = max_rel_error(offloaded, reference, x, y)
+        training_step(offloaded, x, y)
         forward_tasks, backward_tasks = _plan_tasks(offloaded)
-        record = {"params": sum(p.numel() for p in reference.parameters()), "max_rel_error": error,
+        record = {"params": sum(p.numel() for p in reference.parameters()), **errors,
                   "tasks_per_step": {"forward": forward_tasks, "backward": backward_tasks}}
         timers[f"{variant}/lotus"] = _timed(offloaded, x, y, steps)
         timers[f"{variant}/eager"] = _timed(reference, x, y, steps, pause=rt.paused)
@@ -260,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"engine={rt.engine} policy={rt.policy} workers={len(rt.workers)} torch threads={threads} batch={batch}")
     print(f"{'model':<10} {'variant':<11} {'params':>8} {'tasks f/b':>10} {'lotus ms':>9} {'eager ms':>9} "
-          f"{'compile ms':>10} {'eager/lotus':>11} {'dense eager/lotus':>17}")
+          f"{'compile ms':>10} {'eager/lotus':>11} {'dense eager/lotus':>17} {'f64 err':>8} {'f32 drift torch/lotus':>21}")
     for m in results:
         for variant, r in m["variants"].items():
             t = r["time_s"]
@@ -269,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m['name']:<10} {variant:<11} {r['params']:>8} {r['tasks_per_step']['forward']:>4}/"
                   f"{r['tasks_per_step']['backward']:<5} {t['lotus']['median'] * 1e3:>9.1f} "
                   f"{t['eager']['median'] * 1e3:>9.1f} {comp} {r['eager_over']['lotus']['median']:>10.2f}x "
-                  f"{(dense['median'] if dense else float('nan')):>16.2f}x")
+                  f"{(dense['median'] if dense else float('nan')):>16.2f}x {r['max_rel_error']:>8.1e} "
+                  f"{r['float32_drift']['torch']:>10.1e}/{r['float32_drift']['lotus']:<10.1e}")
     print(f"wrote {json_path}, {common.png_path(json_path)} and {gantt}")
     checks = [(f"{m['name']} {v}", r["max_rel_error"], MAX_REL_ERROR) for m in results for v, r in m["variants"].items()]
     return 0 if common.report_errors(checks) else 1
