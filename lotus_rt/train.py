@@ -24,8 +24,10 @@
 
 ``compare_cp`` (``lotus-rt cp-stability``) fine-tunes one AlexNet convolution replaced by a CP
 layer twice, from plain CP-ALS and from the stable CP of Phan et al. 2020, and plots both loss
-curves. Optimizers are looked up in ``OPTIMIZERS`` (name -> builder of an optimizer for a model):
-a new one (e.g. a DMRG sweep for TT layers) is one entry there.
+curves. Optimizers are looked up in ``OPTIMIZERS`` (name -> builder of an optimizer for a model),
+used for both the dense epochs and the fine-tuning. DMRG sweeps for TT layers
+(``lotus_rt.nn.dmrg.make_optimizer``, measured by ``python -m benchmarks mps``) are not offered
+here yet: the dense epochs have no TT layer to sweep, so they need a per-phase optimizer choice.
 """
 from __future__ import annotations
 
