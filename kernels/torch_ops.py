@@ -230,8 +230,18 @@ def _scale_backward(gy, mask, gx, *, accumulate):
 
 @body
 def _maxpool_forward(x, y, indices, *, x_shape, kernel, stride, padding, dilation, ceil_mode):
-    aten.max_pool2d_with_indices.out(x.view(x_shape), kernel, stride, padding, dilation, ceil_mode,
-                                     out=y.view(indices.shape), indices=indices)
+    """On the CPU through a channels-last copy: ATen's channels-last max pooling is vectorised
+    over channels, its NCHW one is not (one 32x32x28x28 tile, 2x2, one thread: 1.6 ms with the
+    copies vs 3.7 ms). Same values and indices (flat offsets within each plane) either way."""
+    xs = x.view(x_shape)
+    if xs.is_cuda:
+        aten.max_pool2d_with_indices.out(xs, kernel, stride, padding, dilation, ceil_mode,
+                                         out=y.view(indices.shape), indices=indices)
+        return
+    pooled, where = aten.max_pool2d_with_indices(xs.contiguous(memory_format=torch.channels_last), kernel, stride,
+                                                 padding, dilation, ceil_mode)
+    y.view(indices.shape).copy_(pooled)
+    indices.copy_(where)
 
 
 @body
