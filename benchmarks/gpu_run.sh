@@ -20,11 +20,11 @@
 #            and tensorized, offloaded whole onto the CPU + CUDA workers vs torch eager on the card
 #   collect  results to $OUT, everything else (per-step logs, StarPU perf models and bus
 #            calibration, Chrome traces, Gantt charts) in $OUT/artifacts.tar.gz
-# The device tool brings back at most 8 files from $OUT, so $OUT gets: gpu_run.log, summary.txt,
-# hetero.json, hetero.png, hetero_gantt.png, test_gpu.xml, model.json, artifacts.tar.gz. Scratch
+# The device tool brings back only a few files, so $OUT gets at most 9: gpu_run.log, summary.txt,
+# hetero.json, hetero.png, hetero_gantt.png, test_gpu.xml, model.json, mps.json, artifacts.tar.gz. Scratch
 # goes to $GPU_RUN_WORK (default /tmp/lotus_gpu_run).
 #
-# Time: the timeouts add up to 9 minutes (15+40+40+30+150+165+90+10 s); expected about 5 minutes
+# Time: the timeouts add up to 9.75 minutes (15+40+40+30+150+150+90+60+10 s); expected about 6 minutes
 # (hetero about 2.5 of them: see benchmarks/README.md for the estimate). Needs no network.
 #
 # Dry run (GPU_RUN_DRY=1, or no nvidia-smi on PATH): checks the bundle without sourcing it, installs
@@ -33,7 +33,7 @@
 #
 # Environment: OUT (default ./gpu_out), GPU_BUNDLE (default gpu_bundle), PYTHON (python3),
 # GPU_RUN_DRY, GPU_RUN_WORK, HETERO_ARGS (more benchmark options, e.g. "--policies dmda,eager"),
-# HETERO_BUDGET_S (default 150), T_FACTS T_BUNDLE T_BUILD T_INFO T_TESTS T_HETERO T_COLLECT
+# HETERO_BUDGET_S (default 120), T_FACTS T_BUNDLE T_BUILD T_INFO T_TESTS T_HETERO T_MODEL T_MPS T_COLLECT
 # (seconds per step).
 #
 # Status: checked with bash -n, shellcheck and a dry run on a CPU machine (2026-11-27); it has
@@ -53,7 +53,8 @@ PY=${PYTHON:-python3}
 HETERO_BUDGET_S=${HETERO_BUDGET_S:-120}
 HETERO_ARGS=${HETERO_ARGS:-}
 T_FACTS=${T_FACTS:-15} T_BUNDLE=${T_BUNDLE:-40} T_BUILD=${T_BUILD:-40} T_INFO=${T_INFO:-30}
-T_TESTS=${T_TESTS:-150} T_HETERO=${T_HETERO:-165} T_MODEL=${T_MODEL:-90} T_COLLECT=${T_COLLECT:-10}
+T_TESTS=${T_TESTS:-150} T_HETERO=${T_HETERO:-150} T_MODEL=${T_MODEL:-90} T_MPS=${T_MPS:-60}
+T_COLLECT=${T_COLLECT:-10}
 LOG=$OUT/gpu_run.log
 SUMMARY=$OUT/summary.txt
 
@@ -187,7 +188,7 @@ run_tests() {
 
 collect() {
   local f
-  for f in "$WORK"/hetero/hetero*.json "$WORK"/hetero/hetero*.png "$WORK"/model/model*.json; do
+  for f in "$WORK"/hetero/hetero*.json "$WORK"/hetero/hetero*.png "$WORK"/model/model*.json "$WORK"/mps/mps*.json; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   cp "$SUMMARY" "$WORK/summary.txt"
@@ -247,6 +248,15 @@ if [ "$DRY" = 1 ]; then
   NOTE="--quick (dry run, CPU)" run_step model "$T_MODEL" "$PY" -m benchmarks model --quick --out "$WORK/model"
 else
   run_step model "$T_MODEL" "$PY" -m benchmarks model --device cuda --no-compile --repeats 5 --out "$WORK/model"
+fi
+
+# one DMRG sweep per variant (serial, real-space parallel, batch parallel) at bond dimension 20, on
+# a runtime with the CUDA worker: the MPS codelets have CuPy bodies, StarPU places them
+if [ "$DRY" = 1 ]; then
+  NOTE="--quick (dry run, CPU)" run_step mps "$T_MPS" "$PY" -m benchmarks mps --quick --sections timing --out "$WORK/mps"
+else
+  run_step mps "$T_MPS" "$PY" -m benchmarks mps --sections timing --sweep-dim 20 --time-sweeps 1 --repeats 1 \
+    --out "$WORK/mps"
 fi
 
 run_step collect "$T_COLLECT" bash -c collect
