@@ -337,6 +337,37 @@ def split(xp: Any, bond: Any, left: Any, right: Any, info: Any, *, direction: st
         _as_site(right)[:k] = vt[:k].reshape(k, d2, dim)
 
 
+def split_matrix(xp: Any, m: Any, left: Any, right: Any, info: Any, *, direction: str, max_rank: int,
+                 cutoff: float) -> None:
+    """Truncated SVD of a matrix m (rows, cols) into left (rows, cap) and right (cap, cols), the
+    kept rank k <= cap in the first k columns / rows and zeros after them (a TT layer's merged
+    bond: no padding to a common bond dimension, so the SVD costs what the matrix does).
+
+    "right": left <- U, right <- S V^T; "left": left <- U S, right <- V^T. ``info`` <- (kept rank,
+    discarded weight / total weight, norm of m).
+    """
+    if direction not in ("left", "right"):
+        raise ValueError(f"split_matrix: direction must be 'left' or 'right', got {direction!r}")
+    cap = left.shape[1]
+    if right.shape[0] != cap or left.shape[0] != m.shape[0] or right.shape[1] != m.shape[1]:
+        raise ValueError(f"split_matrix: factors {left.shape} and {right.shape} do not fit a matrix {m.shape}")
+    u, s, vt = _svd(xp, m)
+    s_host = s.get() if hasattr(s, "get") else np.asarray(s)
+    k = truncation_rank(s_host, min(max_rank, cap), cutoff, rtol=max(m.shape) * float(np.finfo(s_host.dtype).eps))
+    total = float((s_host.astype(np.float64) ** 2).sum())
+    info[0] = k
+    info[1] = float((s_host[k:].astype(np.float64) ** 2).sum()) / total if total > 0 else 0.0
+    info[2] = np.sqrt(total)
+    left[...] = 0
+    right[...] = 0
+    if direction == "right":
+        left[:, :k] = u[:, :k]
+        right[:k] = s[:k, None] * vt[:k]
+    else:
+        left[:, :k] = u[:, :k] * s[None, :k]
+        right[:k] = vt[:k]
+
+
 # ---------------------------------------------------------------------------------- inference
 
 def predict(xp: Any, feats: Any, sites: Any, center: Any, out: Any, *, center_site: int) -> None:
@@ -392,6 +423,7 @@ cg_init_cpu, cg_init_gpu = _bodies(cg_init)
 cg_step_cpu, cg_step_gpu = _bodies(cg_step)
 gd_step_cpu, gd_step_gpu = _bodies(gd_step)
 split_cpu, split_gpu = _bodies(split)
+split_matrix_cpu, split_matrix_gpu = _bodies(split_matrix)
 predict_cpu, predict_gpu = _bodies(predict)
 add_cpu, add_gpu = _bodies(add)
 label_copy_cpu, label_copy_gpu = _bodies(label_copy)

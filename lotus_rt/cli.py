@@ -245,8 +245,10 @@ def _add_train_arguments(p: argparse.ArgumentParser, p_cp: argparse.ArgumentPars
                         "per group of the mode (default: lotus_rt.train.DEFAULT_RANKS)")
     p.add_argument("--epochs", type=int, default=3, help="dense training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None, help="after tensorizing (default: --epochs)")
-    p.add_argument("--optimizer", choices=sorted(train.OPTIMIZERS), default="adam")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 for adam, 0.02 for sgd")
+    p.add_argument("--optimizer", choices=sorted(train.TRAIN_OPTIMIZERS), default="adam",
+                   help="dmrg: DMRG sweeps over the TT layers in the fine-tuning, Adam elsewhere")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 1e-3 for adam, 0.02 for sgd, 0.05 for dmrg (the bond step)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-size", type=int, default=None, help="first N training images of a seeded shuffle")
     p.add_argument("--test-size", type=int, default=None)

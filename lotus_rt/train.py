@@ -25,9 +25,11 @@
 ``compare_cp`` (``lotus-rt cp-stability``) fine-tunes one AlexNet convolution replaced by a CP
 layer twice, from plain CP-ALS and from the stable CP of Phan et al. 2020, and plots both loss
 curves. Optimizers are looked up in ``OPTIMIZERS`` (name -> builder of an optimizer for a model),
-used for both the dense epochs and the fine-tuning. DMRG sweeps for TT layers
-(``lotus_rt.nn.dmrg.make_optimizer``, measured by ``python -m benchmarks mps``) are not offered
-here yet: the dense epochs have no TT layer to sweep, so they need a per-phase optimizer choice.
+used for both the dense epochs and the fine-tuning. ``--optimizer dmrg`` (``TRAIN_OPTIMIZERS``)
+fine-tunes by DMRG sweeps over the TT layers (``lotus_rt.nn.dmrg.make_optimizer``: one two-site
+bond update per layer and step, ranks adapted by truncated SVD, ``--lr`` the bond step) with
+Adam for every other parameter; the dense epochs and the dense baseline, which have no TT layer
+to sweep, use Adam. It needs a plan that makes TT layers: ``alexnet --tensorize layer``.
 """
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ from torch import nn
 
 import lotus_rt
 from lotus_rt import data, decompose
+from lotus_rt.nn import dmrg
 from lotus_rt.nn import group as group_nn
 from lotus_rt.nn.convert import offload, offloaded_layers, tensorize
 from lotus_rt.nn.models import resnet20, small_alexnet
-from lotus_rt.nn.modules import CPConv2d
+from lotus_rt.nn.modules import CPConv2d, TTLinear
 
 MODELS = ("alexnet", "resnet20")
 DATASETS = ("mnist", "cifar10")
@@ -60,7 +63,10 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, float], torch.optim.Optimizer]] = {
     "adam": lambda model, lr: torch.optim.Adam(model.parameters(), lr=lr),
     "sgd": lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
 }
-DEFAULT_LR = {"adam": 1e-3, "sgd": 0.02}
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.02, "dmrg": 0.05}
+# What ``run`` takes: the torch optimizers, and DMRG sweeps for the TT layers of the fine-tuning
+# (the dense phases use Adam: see the module docstring)
+TRAIN_OPTIMIZERS = (*OPTIMIZERS, "dmrg")
 
 # Default ranks per (model, mode): one entry per group of the mode, in the order ``plan`` makes
 # them (a float is the fraction of the group's dense weights; see tensorize / tensorize_group).
@@ -223,11 +229,14 @@ class Trainer:
 
     def __init__(self, model: nn.Module, x, y, x_test, y_test, epochs: int, batch: int, optimizer: str, lr: float,
                  label: str, seed: int = 0, step_losses: list[float] | None = None):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
+        if optimizer not in TRAIN_OPTIMIZERS:
+            raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(TRAIN_OPTIMIZERS)}")
         self.model, self.data, self.epochs, self.batch, self.label = model, (x, y, x_test, y_test), epochs, batch, label
         self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer = OPTIMIZERS[optimizer](model, lr)
+        if optimizer == "dmrg":
+            self.optimizer = dmrg.make_optimizer("dmrg", model, lr, adam_lr=DEFAULT_LR["adam"])
+        else:
+            self.optimizer = OPTIMIZERS[optimizer](model, lr)
         self.step_losses, self.history = step_losses, []
 
     def epoch(self) -> Epoch:
@@ -286,8 +295,8 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
     ``continue_dense``: also train a copy of the dense model for the fine-tuning epochs, the
     baseline with as many epochs in all as the tensorized model (a third phase, its epochs
     alternating with the tensorized model's)."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
+    if optimizer not in TRAIN_OPTIMIZERS:
+        raise ValueError(f"train: optimizer={optimizer!r} is not valid; valid values: {', '.join(TRAIN_OPTIMIZERS)}")
     if epochs < 0 or (finetune_epochs is not None and finetune_epochs < 0) or batch < 1:
         raise ValueError("train: epochs must be >= 0 and batch >= 1")
     lr = DEFAULT_LR[optimizer] if lr is None and optimizer in DEFAULT_LR else lr
@@ -297,11 +306,17 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
     x_train, y_train, x_test, y_test = load_data(data_name, data_dir, train_size, test_size, seed)
     net = build_model(model, x_train.shape[1:])
     steps = plan(model, net, mode, format, ranks)  # bad ranks/format: an error before any training
+    if optimizer == "dmrg" and not (any(s.kind == "layer" for s in steps) and len(_named(net, (nn.Linear,))) > 1):
+        raise ValueError(f"train: --optimizer dmrg sweeps TT layers and {model} --tensorize {mode} makes none (it "
+                         "needs a hidden fully connected layer tensorized one by one: --model alexnet --tensorize layer)")
+    # the dense epochs (and the dense baseline) have no TT layer for DMRG to sweep: Adam
+    dense_optimizer, dense_lr = ("adam", DEFAULT_LR["adam"]) if optimizer == "dmrg" else (optimizer, lr)
     rt = lotus_rt.runtime()
     print(f"{model} on {data_name}: {len(x_train)} train / {len(x_test)} test images {tuple(x_train.shape[1:])}; "
-          f"optimizer {optimizer} lr {lr}; runtime engine={rt.engine} workers={len(rt.workers)}", flush=True)
+          f"optimizer {optimizer} lr {lr}" + (f" (dense epochs: {dense_optimizer} lr {dense_lr})"
+          if dense_optimizer != optimizer else "") + f"; runtime engine={rt.engine} workers={len(rt.workers)}", flush=True)
     dense = Phase("dense (torch)", params(net), 0.0)
-    dense.epochs = fit(net, x_train, y_train, x_test, y_test, epochs, batch, optimizer, lr, "dense", seed)
+    dense.epochs = fit(net, x_train, y_train, x_test, y_test, epochs, batch, dense_optimizer, dense_lr, "dense", seed)
     dense.accuracy = dense.epochs[-1].accuracy if dense.epochs else accuracy(net, x_test, y_test)
     phases, result = [dense], {}
     more = epochs if finetune_epochs is None else finetune_epochs
@@ -309,8 +324,8 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
     if steps and continue_dense and more:
         # the fair dense baseline: the same model trained as many epochs in all as the tensorized
         # one; its epochs alternate with the tensorized model's, so that each pair is timed side by side
-        baseline = Trainer(copy.deepcopy(net), x_train, y_train, x_test, y_test, more, batch, optimizer, lr,
-                           f"dense, {more} more", seed + 1)
+        baseline = Trainer(copy.deepcopy(net), x_train, y_train, x_test, y_test, more, batch, dense_optimizer,
+                           dense_lr, f"dense, {more} more", seed + 1)
     if steps:
         start = time.perf_counter()
         apply_plan(net, steps, x_train[:2])
@@ -329,6 +344,10 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
             if baseline is not None:
                 baseline.epoch()
         tens.epochs = trainer.history
+        if optimizer == "dmrg":
+            result["dmrg"] = {"bond_updates": trainer.optimizer.steps,
+                              "tt_ranks": {l_name: list(layer.ranks) for l_name, layer in net.named_modules()
+                                           if isinstance(layer, TTLinear)}}
         tens.accuracy = tens.epochs[-1].accuracy if tens.epochs else tens.accuracy
         phases.append(tens)
         if baseline is not None:
@@ -340,6 +359,7 @@ def run(model: str = "alexnet", data_name: str = "mnist", mode: str = "none", ra
         "config": {"model": model, "data": data_name, "tensorize": mode, "format": format,
                    "ranks": [list(r) if isinstance(r, tuple) else r for r in (ranks or [])] or None,
                    "epochs": epochs, "finetune_epochs": finetune_epochs, "optimizer": optimizer, "lr": lr,
+                   "dense_optimizer": dense_optimizer, "dense_lr": dense_lr,
                    "batch": batch, "train_images": len(x_train), "test_images": len(x_test), "seed": seed,
                    "offloaded": offloaded, "engine": rt.engine, "workers": len(rt.workers)},
         "steps": [asdict(s) for s in steps],
@@ -495,4 +515,4 @@ def compare_cp(layer: str = "6", rank: int = 32, epochs: int = 3, finetune_epoch
 
 
 __all__ = ["run", "compare_cp", "plan", "apply_plan", "load_data", "build_model", "fit", "accuracy",
-           "parse_rank", "Trainer", "OPTIMIZERS", "MODELS", "DATASETS", "MODES", "DEFAULT_RANKS", "Step"]
+           "parse_rank", "Trainer", "OPTIMIZERS", "TRAIN_OPTIMIZERS", "MODELS", "DATASETS", "MODES", "DEFAULT_RANKS", "Step"]

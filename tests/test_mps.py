@@ -8,6 +8,7 @@ codelet, and bad input (one ValueError before any task). Each test draws fresh r
 """
 from __future__ import annotations
 
+import copy
 import string
 
 import numpy as np
@@ -162,6 +163,31 @@ def test_bond_gradient_and_gram_product_match_torch_autograd(rt, rng, place):
     np.testing.assert_allclose(hv.reshape(vec.shape), v.grad.numpy(), rtol=1e-10, atol=1e-10)
     assert grad[-2] == pytest.approx(float((err ** 2).sum().detach()), rel=1e-12)
     assert grad[-1] == int((f.argmax(1).numpy() == y).sum())
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_matrix_split_is_the_best_truncation_of_a_rectangular_bond(rt, rng, direction):
+    rows, cols, rank = 24, 7, 5
+    m = (rng.standard_normal((rows, rank)) * np.geomspace(1, 1e-3, rank)) @ rng.standard_normal((rank, cols))
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    for max_rank, cutoff, kept_expected in ((9, 0.0, rank), (3, 0.0, 3), (9, 1e-5, None)):
+        cap = min(max_rank, rows, cols)
+        left, right, info = np.zeros((rows, cap)), np.zeros((cap, cols)), np.zeros(3)
+        hs = [rt.register(a) for a in (m, left, right, info)]
+        rt.submit(codelets.SPLIT_MATRIX, (hs[0], "R"), (hs[1], "W"), (hs[2], "W"), (hs[3], "W"),
+                  direction=direction, max_rank=max_rank, cutoff=cutoff)
+        rt.wait()
+        for h in hs:
+            h.unregister()
+        k = int(info[0])
+        if kept_expected is None:   # the smallest rank within the cutoff, found from numpy's values
+            kept_expected = next(j for j in range(1, rank + 1) if (s[j:] ** 2).sum() <= 1e-5 * (s ** 2).sum())
+        assert k == kept_expected and not left[:, k:].any() and not right[k:].any()
+        best = (u[:, :k] * s[:k]) @ vt[:k]               # Eckart-Young: the best rank-k approximation
+        np.testing.assert_allclose(left @ right, best, atol=1e-12)
+        orthonormal = left[:, :k] if direction == "right" else right[:k].T
+        np.testing.assert_allclose(orthonormal.T @ orthonormal, np.eye(k), atol=1e-12)
+        assert info[1] == pytest.approx((s[k:] ** 2).sum() / (s ** 2).sum(), rel=1e-8, abs=1e-14)
 
 
 @pytest.mark.parametrize("direction", ["right", "left"])
@@ -435,6 +461,55 @@ def test_dmrg_optimizer_fits_a_tt_layer_and_adapts_ranks():
         make_optimizer("dmrg", torch.nn.Linear(3, 3), lr=0.1)
     combined = make_optimizer("dmrg", model, lr=0.1)
     assert combined.others is not None and combined.layers == [student]
+
+
+def _dmrg_net(torch):
+    return torch.nn.Sequential(torch.nn.Linear(12, 64), torch.nn.ReLU(),
+                               lotus_rt.TTLinear((4, 4, 4), (2, 4, 2), 2, dtype=torch.float64),
+                               torch.nn.ReLU(), torch.nn.Linear(16, 3)).double()
+
+
+def test_dmrg_on_a_whole_offloaded_model_matches_torch_and_keeps_the_graph():
+    torch = pytest.importorskip("torch")
+    from lotus_rt.nn.convert import offloaded_layers
+    from lotus_rt.nn.dmrg import make_optimizer
+    torch.manual_seed(1)
+    reference = _dmrg_net(torch)
+    offloaded = lotus_rt.offload(copy.deepcopy(reference))
+    assert "2" in offloaded_layers(offloaded)  # the TT layer starts inside the graph
+    x, y = torch.randn(40, 12, dtype=torch.float64), torch.randint(0, 3, (40,))
+    runs = []
+    for model in (reference, offloaded):
+        opt = make_optimizer("dmrg", model, lr=0.2, max_rank=5, cutoff=0.0)
+        losses, ranks = [], []
+        for _ in range(6):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            ranks.append(model[2].ranks)
+        runs.append((losses, ranks, model))
+    (ref_losses, ref_ranks, _), (losses, ranks, _) = runs
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
+    assert ranks == ref_ranks and max(ranks[-1]) > 2   # the ranks grew, the same way in both
+    assert losses[-1] < losses[0]
+    for a, b in zip(reference.parameters(), offloaded.parameters()):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-9, atol=1e-12)
+    whole = offloaded.__dict__["_lotus_whole"]
+    assert set(whole.region_modules()) == {"0", "1", "3", "4"} and not whole.kept  # the TT layer between regions
+    assert offloaded[2].offloaded                                                  # as its own task DAG
+
+
+def test_dmrg_optimizer_built_after_a_whole_offload_says_how_to_build_it():
+    torch = pytest.importorskip("torch")
+    from lotus_rt.nn.dmrg import DMRGOptimizer
+    model = lotus_rt.offload(_dmrg_net(torch))
+    opt = DMRGOptimizer(model[2], lr=0.1)
+    opt.zero_grad()
+    model(torch.randn(8, 12, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="make_optimizer"):
+        opt.step()
 
 
 def test_cli_prints_one_line_per_sweep_off_a_terminal(run_py, describe_proc):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -90,3 +91,24 @@ def test_lotus_rt_train_errors_are_one_line_before_training(tmp_path, monkeypatc
     assert "takes 1 or 4 ranks" in err.err and "epoch" not in err.out
     assert main(["cp-stability", "--layer", "9"]) == 2  # a Linear: refused before any training
     assert "is not a Conv2d" in capsys.readouterr().err
+    assert main(["train", "--model", "alexnet", "--tensorize", "group", "--optimizer", "dmrg"]) == 2
+    err = capsys.readouterr()
+    assert "--optimizer dmrg sweeps TT layers" in err.err and "epoch" not in err.out
+
+
+def test_lotus_rt_train_fine_tunes_alexnet_by_dmrg_sweeps_over_its_tt_layer(tmp_path):
+    out = tmp_path / "out"
+    proc = run_python(CLI, args=["train", "--model", "alexnet", "--tensorize", "layer", "--optimizer", "dmrg",
+                                 "--epochs", "1", "--batch", "32", "--train-size", "256", "--test-size", "64",
+                                 "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    assert "optimizer dmrg lr 0.05 (dense epochs: adam lr 0.001)" in proc.stdout
+    report = json.loads((out / "alexnet_mnist_layer.json").read_text())
+    config = report["config"]
+    assert (config["optimizer"], config["dense_optimizer"], config["lr"]) == ("dmrg", "adam", 0.05)
+    tuned = report["phases"][1]
+    assert tuned["name"] == "layer-tensorized + offloaded" and len(tuned["epochs"]) == 1
+    assert np.isfinite(tuned["epochs"][0]["loss"])
+    assert report["dmrg"]["bond_updates"] == 256 // 32                 # one bond update per step
+    (ranks,) = report["dmrg"]["tt_ranks"].values()
+    assert ranks[0] == ranks[-1] == 1 and len(ranks) == 4

@@ -135,6 +135,8 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
         module = gm.get_submodule(node.target)
         if isinstance(module, GROUP_LAYERS):
             return f"module {node.target} ({type(module).__name__} of a shared network: its own task DAG)"
+        if getattr(module, "own_task_dag", False):
+            return f"module {node.target} ({type(module).__name__} with own_task_dag=True: its own task DAG)"
         if type(module) not in MODULES and not isinstance(module, (OffloadedConv2d, OffloadedLinear)):
             return f"module {node.target} ({type(module).__name__})"
         if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
@@ -189,12 +191,17 @@ def partition(gm: fx.GraphModule) -> Partition:
         else:
             current = None
             steps.append(node)
-            if not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), GROUP_LAYERS)):
-                kept.append(reason)  # (a group layer is not kept in torch: it runs as its own task DAG)
+            if not (node.op == "call_module" and _own_task_dag(gm.get_submodule(node.target))):
+                kept.append(reason)  # (such a layer is not kept in torch: it runs as its own task DAG)
     for step in steps:
         if isinstance(step, Region):
             _connect(step)
     return Partition(steps, kept)
+
+
+def _own_task_dag(module: nn.Module) -> bool:
+    """A layer that runs between regions as its own task DAG (not in torch)."""
+    return isinstance(module, GROUP_LAYERS) or bool(getattr(module, "own_task_dag", False))
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:

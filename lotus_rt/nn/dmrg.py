@@ -10,13 +10,19 @@ B = G_k G_{k+1}, so a gradient step on B is a step of the same length on W. ``st
    of the last forward/backward (captured by hooks): dL/dB = sum_z x_z (x) g_z contracted with
    every other core, one einsum run as a task DAG on the runtime (``lotus_rt.einsum``);
 2. B <- B - lr dL/dB;
-3. B is split back by a truncated SVD (an ``mps_svd_split`` task), the rank r_{k+1} adapting
-   to ``max_rank`` and ``cutoff``; the orthonormal factor stays behind, the centre moves on;
+3. B is split back by a truncated SVD of the (r_k i o) x (i' o' r_k+2) matrix (an
+   ``mps_svd_split_matrix`` task: unpadded, so the SVD costs what the bond does), the rank r_{k+1}
+   adapting to ``max_rank`` and ``cutoff``; the orthonormal factor stays behind, the centre moves on;
 4. the sweep position moves one bond (right to the last bond, then left, and so on).
 
 The other parameters (biases, layers that are not TT) are left to ``others``, a torch optimiser
 (Adam in ``make_optimizer``). When a rank changes, the two cores it joins become new
 ``nn.Parameter`` objects (autograd fixes a leaf's shape), so no other optimiser may hold them.
+
+In a model offloaded whole (``lotus_rt.offload``), the swept layers run as their own task DAGs
+between the graph's regions (``TTLinear.own_task_dag``, set here), where the hooks see their
+input and output gradient and new cores are picked up at the next call; the rest of the step
+stays one graph. ``make_optimizer`` captures an already offloaded model again for that.
 
     >>> opt = make_optimizer("dmrg", model, lr=0.05)                  # doctest: +SKIP
     >>> opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()  # doctest: +SKIP
@@ -32,6 +38,8 @@ import torch
 
 from lotus_rt import tn
 from lotus_rt.mps import codelets
+from lotus_rt.nn import whole_model
+from lotus_rt.nn.convert import offload
 from lotus_rt.nn.modules import TTLinear
 
 OPTIMIZERS = ("adam", "dmrg")
@@ -120,6 +128,7 @@ class DMRGOptimizer:
         self._runtime = runtime
         self._states = []
         for layer in layers:
+            layer.own_task_dag = True  # an offloaded whole model runs it between regions, where hooks see it
             canonicalize(layer, 0)
             state = _LayerState(layer)
             state.hooks.append(layer.register_forward_hook(self._capture(state)))
@@ -159,6 +168,11 @@ class DMRGOptimizer:
             with torch.enable_grad():
                 loss = closure()
         for s in self._states:
+            if not s.captured and any(p.grad is not None for p in s.layer.cores):
+                raise RuntimeError(
+                    "DMRGOptimizer: a TTLinear got gradients but its input and output gradient were not seen: it "
+                    "ran inside a whole-model task graph captured before this optimiser was built. Build it with "
+                    "lotus_rt.nn.dmrg.make_optimizer(\"dmrg\", model, lr), or before lotus_rt.offload(model)")
             if s.captured:
                 self._update(s)
             s.captured.clear()
@@ -196,31 +210,27 @@ class DMRGOptimizer:
             s.bond, s.direction = (k - 1, "left") if k >= 1 else (k, "right")
 
     def _split(self, bond: np.ndarray, direction: str, max_rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """Truncated SVD of B (r_k, i, o, i', o', r_k+2) as an ``mps_svd_split`` task: the kernel's
-        (D, d1, d2, D, 1) layout, zero-padded to one D on both sides; returns the two factors
-        as (r_k * i * o, rank) and (rank, i' * o' * r_k+2)."""
+        """Truncated SVD of B (r_k, i, o, i', o', r_k+2) as (r_k i o) x (i' o' r_k+2), one
+        ``mps_svd_split_matrix`` task; returns the two factors as (r_k * i * o, rank) and
+        (rank, i' * o' * r_k+2)."""
         r_left, i, o, i2, o2, r_right = bond.shape
-        dim = max(r_left, r_right, max_rank)
-        padded = np.zeros((dim, i * o, i2 * o2, dim, 1), dtype=bond.dtype)
-        padded[:r_left, :, :, :r_right, 0] = bond.reshape(r_left, i * o, i2 * o2, r_right)
-        site = np.zeros((dim, i * o if direction == "right" else i2 * o2, dim), dtype=bond.dtype)
-        center = np.zeros((dim, i * o if direction == "left" else i2 * o2, dim, 1), dtype=bond.dtype)
+        matrix = np.ascontiguousarray(bond.reshape(r_left * i * o, i2 * o2 * r_right))
+        cap = min(max_rank, *matrix.shape)
+        left = np.zeros((matrix.shape[0], cap), dtype=bond.dtype)
+        right = np.zeros((cap, matrix.shape[1]), dtype=bond.dtype)
         info = np.zeros(3)
-        outs = (site, center) if direction == "right" else (center, site)
         rt = self._rt()
-        handles = [rt.register(a) for a in (padded, *outs, info)]
+        handles = [rt.register(a) for a in (matrix, left, right, info)]
         try:
-            rt.submit(codelets.SPLIT, (handles[0], "R"), (handles[1], "W"), (handles[2], "W"), (handles[3], "W"),
-                      name="tt_dmrg.svd", direction=direction, max_rank=max_rank, cutoff=self.cutoff)
+            rt.submit(codelets.SPLIT_MATRIX, (handles[0], "R"), (handles[1], "W"), (handles[2], "W"),
+                      (handles[3], "W"), name="tt_dmrg.svd", direction=direction, max_rank=max_rank,
+                      cutoff=self.cutoff)
             rt.wait()
         finally:
             for h in handles:
                 h.unregister()
         rank = int(info[0])
-        left, right = outs
-        left = left.reshape(dim, -1, dim)[:r_left, :, :rank].reshape(-1, rank)
-        right = right.reshape(dim, -1, dim)[:rank, :, :r_right].reshape(rank, -1)
-        return left, right
+        return left[:, :rank].copy(), right[:rank].copy()
 
 
 def make_optimizer(name: str, model: torch.nn.Module, lr: float, **kwargs: Any) -> Any:
@@ -228,7 +238,9 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, **kwargs: Any) 
 
     "adam": torch.optim.Adam(model.parameters(), lr). "dmrg": DMRGOptimizer over every TTLinear of
     ``model`` with step ``lr`` (``max_rank``, ``cutoff`` passed on), and Adam (``adam_lr``, default
-    1e-3) for every other parameter. Both have zero_grad() and step().
+    1e-3) for every other parameter. Both have zero_grad() and step(). A model offloaded whole is
+    captured again so that its TT layers run as their own task DAGs between the graph's regions
+    (the rest of the step stays one graph).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r} is not valid; valid values: {', '.join(OPTIMIZERS)}")
@@ -241,4 +253,8 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, **kwargs: Any) 
     rest = [p for p in model.parameters() if id(p) not in tt_params and p.requires_grad]
     adam_lr = kwargs.pop("adam_lr", 1e-3)
     others = torch.optim.Adam(rest, lr=adam_lr) if rest else None
-    return DMRGOptimizer(layers, lr=lr, others=others, **kwargs)
+    optimizer = DMRGOptimizer(layers, lr=lr, others=others, **kwargs)
+    if "_lotus_whole" in model.__dict__:  # offloaded whole: capture again, the TT layers now between regions
+        whole_model.detach(model)
+        offload(model)
+    return optimizer

@@ -70,7 +70,13 @@ def _check_input(x: torch.Tensor, ndim: int, channels: int, axis: int, layer: st
 
 
 class TTLinear(nn.Module):
-    """Linear layer prod(in_shape) -> prod(out_shape) with a TT-matrix (MPO) weight."""
+    """Linear layer prod(in_shape) -> prod(out_shape) with a TT-matrix (MPO) weight.
+
+    ``own_task_dag``: when True, an offloaded whole model runs this layer as its own task DAG
+    between its graph's regions instead of inside them (set by the DMRG optimiser, which replaces
+    the cores between steps and reads the layer's input and output gradient through hooks)."""
+
+    own_task_dag: bool = False
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], ranks, bias: bool = True,
                  dtype: torch.dtype = torch.float32):
