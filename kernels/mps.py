@@ -305,6 +305,18 @@ def _svd(xp: Any, m: Any) -> tuple[Any, Any, Any]:
         return u.astype(m.dtype), s.astype(m.dtype), vt.astype(m.dtype)
 
 
+def _truncate(m: Any, s: Any, max_rank: int, cutoff: float, info: Any) -> int:
+    """The rank to keep of m's singular values ``s`` (``truncation_rank``, numerical rank relative
+    to m's size); ``info`` <- (kept rank, discarded weight / total weight, norm of m)."""
+    s_host = s.get() if hasattr(s, "get") else np.asarray(s)
+    k = truncation_rank(s_host, max_rank, cutoff, rtol=max(m.shape) * float(np.finfo(s_host.dtype).eps))
+    total = float((s_host.astype(np.float64) ** 2).sum())
+    info[0] = k
+    info[1] = float((s_host[k:].astype(np.float64) ** 2).sum()) / total if total > 0 else 0.0
+    info[2] = np.sqrt(total)
+    return k
+
+
 def split(xp: Any, bond: Any, left: Any, right: Any, info: Any, *, direction: str, max_rank: int,
           cutoff: float) -> None:
     """Truncated SVD of a bond tensor back into two sites, the label going along ``direction``.
@@ -321,12 +333,7 @@ def split(xp: Any, bond: Any, left: Any, right: Any, info: Any, *, direction: st
     else:
         raise ValueError(f"split: direction must be 'left' or 'right', got {direction!r}")
     u, s, vt = _svd(xp, m)
-    s_host = s.get() if hasattr(s, "get") else np.asarray(s)
-    k = truncation_rank(s_host, max_rank, cutoff, rtol=max(m.shape) * float(np.finfo(s_host.dtype).eps))
-    total = float((s_host.astype(np.float64) ** 2).sum())
-    info[0] = k
-    info[1] = float((s_host[k:].astype(np.float64) ** 2).sum()) / total if total > 0 else 0.0
-    info[2] = np.sqrt(total)
+    k = _truncate(m, s, max_rank, cutoff, info)
     left[...] = 0
     right[...] = 0
     if direction == "right":
@@ -352,12 +359,7 @@ def split_matrix(xp: Any, m: Any, left: Any, right: Any, info: Any, *, direction
     if right.shape[0] != cap or left.shape[0] != m.shape[0] or right.shape[1] != m.shape[1]:
         raise ValueError(f"split_matrix: factors {left.shape} and {right.shape} do not fit a matrix {m.shape}")
     u, s, vt = _svd(xp, m)
-    s_host = s.get() if hasattr(s, "get") else np.asarray(s)
-    k = truncation_rank(s_host, min(max_rank, cap), cutoff, rtol=max(m.shape) * float(np.finfo(s_host.dtype).eps))
-    total = float((s_host.astype(np.float64) ** 2).sum())
-    info[0] = k
-    info[1] = float((s_host[k:].astype(np.float64) ** 2).sum()) / total if total > 0 else 0.0
-    info[2] = np.sqrt(total)
+    k = _truncate(m, s, min(max_rank, cap), cutoff, info)
     left[...] = 0
     right[...] = 0
     if direction == "right":

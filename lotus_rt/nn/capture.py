@@ -133,10 +133,8 @@ def unsupported_reason(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """Why ``node`` cannot be lowered (None: it can). Shape-dependent checks come later."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, GROUP_LAYERS):
-            return f"module {node.target} ({type(module).__name__} of a shared network: its own task DAG)"
-        if getattr(module, "own_task_dag", False):
-            return f"module {node.target} ({type(module).__name__} with own_task_dag=True: its own task DAG)"
+        if _own_task_dag(module):
+            return f"module {node.target} ({type(module).__name__}: its own task DAG)"
         if type(module) not in MODULES and not isinstance(module, (OffloadedConv2d, OffloadedLinear)):
             return f"module {node.target} ({type(module).__name__})"
         if isinstance(module, nn.Conv2d) and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
@@ -200,7 +198,8 @@ def partition(gm: fx.GraphModule) -> Partition:
 
 
 def _own_task_dag(module: nn.Module) -> bool:
-    """A layer that runs between regions as its own task DAG (not in torch)."""
+    """A layer that runs between regions as its own task DAG, not in torch: a layer of a shared
+    network (``tensorize_group``), or one marked ``own_task_dag`` (a TT layer swept by DMRG)."""
     return isinstance(module, GROUP_LAYERS) or bool(getattr(module, "own_task_dag", False))
 
 
