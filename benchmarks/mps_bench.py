@@ -42,11 +42,16 @@ SEGMENT_COLOURS = {"left": "tab:blue", "right": "tab:orange", "join": "tab:red",
                    "serial": "tab:grey", "init": "tab:purple"}
 
 
-def load(quick: bool) -> tuple[np.ndarray, ...]:
+def load(quick: bool, shifts: int = 0) -> tuple[np.ndarray, ...]:
+    """The 14x14 MNIST split (7x7, 600 / 200 images with ``quick``); ``shifts``: one-pixel shifted
+    training copies (``lotus_rt.data.mnist``), taken per copy in the quick configuration too."""
     from lotus_rt.data import mnist
-    x_train, y_train, x_test, y_test = mnist(size=7 if quick else 14)
+    x_train, y_train, x_test, y_test = mnist(size=7 if quick else 14, shifts=shifts)
     if quick:
-        return x_train[:600], y_train[:600], x_test[:200], y_test[:200]
+        copies = shifts + 1                 # the originals, then one block per shift
+        n = len(x_train) // copies
+        keep = np.concatenate([np.arange(k * n, k * n + 600) for k in range(copies)])
+        return x_train[keep], y_train[keep], x_test[:200], y_test[:200]
     return x_train, y_train, x_test, y_test
 
 
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adam-lr", type=float, default=3e-3)
     p.add_argument("--dmrg-lr", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shifts", type=int, choices=(0, 4, 8), default=0,
+                   help="training copies moved by one pixel in 4 or 8 directions (lotus_rt.data.mnist; default 0)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     args = p.parse_args(argv)
@@ -248,15 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     rt = lotus_rt.runtime()
     torch.set_num_threads(common.cpu_workers(rt))
-    data = load(q)
+    data = load(q, args.shifts)
     print(f"engine={rt.engine} policy={rt.policy} workers={len(rt.workers)}; {len(data[0])} train / {len(data[2])} "
           f"test images of {data[0].shape[-1]}x{data[0].shape[-1]}", flush=True)
-    name = "mps" if len(sections) == len(SECTIONS) else "mps_" + "_".join(sections)
+    name = ("mps" if len(sections) == len(SECTIONS) else "mps_" + "_".join(sections)) + \
+        (f"_shifts{args.shifts}" if args.shifts else "")
     json_path = common.result_path(args.out, name, q)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"scenario": "mps", "quick": q, "sections": sections,
                               "config": {k: v for k, v in vars(args).items() if k not in ("out", "quick")},
-                              "data": {"train": len(data[0]), "test": len(data[2]), "size": int(data[0].shape[-1])}}
+                              "data": {"train": len(data[0]), "test": len(data[2]), "size": int(data[0].shape[-1]),
+                                       "shifts": args.shifts}}
     targets = []
     if "accuracy" in sections:
         rows = result["accuracy_vs_bond_dim"] = accuracy_vs_dim(data, args)

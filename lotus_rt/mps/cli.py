@@ -2,7 +2,8 @@
 
     lotus-rt mps --bond-dim 20 --sweeps 3 --sweep realspace
 
-Loads ``lotus_rt.data.mnist(size=14)`` (4 000 training / 1 000 test images), fits
+Loads ``lotus_rt.data.mnist(size=14)`` (4 000 training / 1 000 test images; ``--shifts 4``
+adds 16 000 training copies moved by one pixel, ``lotus_rt.data.mnist``'s ``shifts``), fits
 ``MPSClassifier`` and prints, per sweep, its time, the training accuracy at its last bond, the
 test accuracy and the largest rank; then the per-worker task counts. While a sweep runs, a
 progress bar (tqdm) counts its bond updates when stdout is a terminal; otherwise one line per
@@ -35,7 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutoff", type=float, default=1e-10, help="discarded weight allowed per SVD")
     parser.add_argument("--feature-map", choices=FEATURE_MAPS, default="cos-sin")
     parser.add_argument("--size", type=int, choices=(7, 14), default=14, help="image side after downsampling")
-    parser.add_argument("--train", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--shifts", type=int, choices=(0, 4, 8), default=0,
+                        help="add training copies moved by one 28x28 pixel in 4 (or 8) directions: 5x (9x) "
+                             "the training images; the test images are not changed (default 0)")
+    parser.add_argument("--train", type=int, default=None,
+                        help="use only the first N training images (with --shifts: the originals come first)")
     parser.add_argument("--test", type=int, default=None, help="use only the first N test images")
     parser.add_argument("--warmup", type=int, default=0, help="realspace: serial sweeps first (default 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -88,14 +93,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lotus-rt mps: {exc}", file=sys.stderr)
         return 2
-    x_train, y_train, x_test, y_test = mnist(size=args.size)
+    x_train, y_train, x_test, y_test = mnist(size=args.size, shifts=args.shifts)
     x_train, y_train = x_train[:args.train], y_train[:args.train]
     x_test, y_test = x_test[:args.test], y_test[:args.test]
     rt = runtime()
     print(f"lotus_rt: engine={rt.engine} policy={rt.policy} "
           f"workers={', '.join(name for _, name in rt.workers)}")
     print(f"MPS classifier: {clf.n_sites} sites ({args.size}x{args.size} MNIST), bond dim {args.bond_dim}, "
-          f"{args.sweep} sweeps; {len(x_train)} training / {len(x_test)} test images")
+          f"{args.sweep} sweeps; {len(x_train)} training / {len(x_test)} test images"
+          + (f" (one-pixel shifts in {args.shifts} directions included)" if args.shifts else ""))
     progress = _Progress(args.sweeps, sys.stdout.isatty())
     rt.stats(reset=True)
     start = time.perf_counter()
