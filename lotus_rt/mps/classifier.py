@@ -75,7 +75,7 @@ class MPSClassifier:
     n_sites: pixels per sample (one site each); bond_dim: the bond-dimension cap D;
     feature_map: "cos-sin" or "linear"; n_labels: classes (labels 0..n_labels-1);
     sweeps: sweeps per ``fit``; sweep: "serial" (one task at a time), "batch" (gradients over
-    ``ntiles`` batch tiles, default 2 per worker) or "realspace" (two segments concurrently);
+    ``ntiles`` batch tiles, default one per worker) or "realspace" (two segments concurrently);
     solver: "cg" (``iters`` conjugate-gradient steps on the local least-squares problem) or
     "gd" (``iters`` gradient steps of length ``lr``); reg: L2 penalty of the local problem;
     cutoff: discarded-weight fraction allowed in each SVD; dtype: "float32" or "float64";

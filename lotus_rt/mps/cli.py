@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serial: one task at a time; batch: gradients over batch tiles; realspace: "
                              "two segments of the chain concurrently (default serial)")
     parser.add_argument("--tiles", type=int, default=None,
-                        help="batch tiles per gradient (default: 1; batch: 2 per worker)")
+                        help="batch tiles per gradient (default: 1; batch: 1 per worker)")
     parser.add_argument("--solver", choices=SOLVERS, default="cg", help="local update: cg (least squares) or gd")
     parser.add_argument("--iters", type=int, default=5, help="CG iterations (or GD steps) per bond (default 5)")
     parser.add_argument("--reg", type=float, default=1e-3, help="L2 penalty of the local problem (default 1e-3)")
