@@ -383,10 +383,12 @@ def _bn_normalize_core(x: torch.Tensor, stats: torch.Tensor, w: Optional[torch.T
     else:
         alpha = stats[c:]
         beta = -stats[:c] * alpha
-    # two passes: torch's addcmul with per-channel broadcasts is 3.4x slower than mul then add
-    # (one (32, 16, 32, 32) tile: 211 vs 62 us, one thread)
-    torch.mul(x, alpha.view(1, c, 1, 1), out=out)
-    out.add_(beta.view(1, c, 1, 1))
+    # torch's own batch-norm kernel in eval mode with weight alpha, bias beta, mean 0, var 1 and
+    # eps 0 forms exactly x * alpha + beta, in one vectorised pass (54 us for a (32, 16, 32, 32)
+    # tile on one thread; addcmul with per-channel broadcasts 211 us, mul then add 62 us in two)
+    empty = torch.empty(0, dtype=x.dtype, device=x.device)
+    torch.native_batch_norm(x, alpha, beta, torch.zeros_like(alpha), torch.ones_like(alpha), False, 0.0, 0.0,
+                            out=out, save_mean=empty, save_invstd=empty)
     if relu:
         out.clamp_min_(0)
 
