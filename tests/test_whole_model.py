@@ -330,3 +330,12 @@ def test_random_small_graphs_train_as_in_torch(spec, batch):
     torch.manual_seed(9)
     _, worst = _train_side_by_side(RandomNet(spec).double(), (batch, 2, 8, 8), torch.float64, steps=2)
     assert worst < 1e-10, (spec, batch, worst)
+
+
+def test_batch_norm_cores_run_as_torchscript_without_the_gil():
+    """The cores are compiled (a compile error would fall back to the Python function silently);
+    the GIL-free path is what lets two workers' batch-norm tiles run at once."""
+    from lotus_rt.kernels import torch_ops
+    cores = [torch_ops._bn_partial_core, torch_ops._bn_normalize_core, torch_ops._bn_backward_partial_core,
+             torch_ops._bn_backward_input_core]
+    assert all(isinstance(core, torch.jit.ScriptFunction) for core in cores)
