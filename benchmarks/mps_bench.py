@@ -34,6 +34,7 @@ import numpy as np
 
 import lotus_rt
 from benchmarks import common
+from lotus_rt.data.mnist import SHIFTS
 
 TARGET_ACCURACY, TARGET_DIM = 0.97, 40
 TARGET_SPEEDUP, TARGET_ACC_GAP = 1.6, 0.005
@@ -48,7 +49,7 @@ def load(quick: bool, shifts: int = 0) -> tuple[np.ndarray, ...]:
     from lotus_rt.data import mnist
     x_train, y_train, x_test, y_test = mnist(size=7 if quick else 14, shifts=shifts)
     if quick:
-        copies = shifts + 1                 # the originals, then one block per shift
+        copies = len(SHIFTS[shifts])        # the originals, then one block per shift
         n = len(x_train) // copies
         keep = np.concatenate([np.arange(k * n, k * n + 600) for k in range(copies)])
         return x_train[keep], y_train[keep], x_test[:200], y_test[:200]
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="of the DMRG fits (float64: the variants' accuracies differ by their algorithm only, "
                         "not by float32 rounding, which moves them by up to ~1 point)")
-    p.add_argument("--shifts", type=int, choices=(0, 4, 8), default=0,
+    p.add_argument("--shifts", type=int, choices=tuple(SHIFTS), default=0,
                    help="training copies moved by one pixel in 4 or 8 directions (lotus_rt.data.mnist; default 0)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")

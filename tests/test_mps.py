@@ -520,7 +520,7 @@ def test_cli_prints_one_line_per_sweep_off_a_terminal(run_py, describe_proc):
     lines = proc.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines if ln.startswith("sweep ")] == ["sweep 1/2", "sweep 2/2"]
     assert any(ln.startswith("test accuracy ") for ln in lines) and "bond/s" not in proc.stdout + proc.stderr
-    assert "300 training / 100 test images (one-pixel shifts in 4 directions included)" in proc.stdout
+    assert "300 training / 100 test images (0 of them shifted by one pixel)" in proc.stdout  # originals first
     bad = run_py("import sys; from lotus_rt import cli; sys.exit(cli.main(sys.argv[1:]))",
                  args=["mps", "--bond-dim", "0"], timeout=60)
     assert bad.returncode == 2 and "bond_dim=0 must be an integer >= 1" in bad.stderr

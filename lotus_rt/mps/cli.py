@@ -18,6 +18,7 @@ from typing import Any
 
 from lotus_rt.mps.classifier import DTYPES, SWEEPS, MPSClassifier, SweepReport
 from lotus_rt.mps.features import FEATURE_MAPS
+from lotus_rt.data.mnist import SHIFTS
 from lotus_rt.mps.local import SOLVERS
 
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutoff", type=float, default=1e-10, help="discarded weight allowed per SVD")
     parser.add_argument("--feature-map", choices=FEATURE_MAPS, default="cos-sin")
     parser.add_argument("--size", type=int, choices=(7, 14), default=14, help="image side after downsampling")
-    parser.add_argument("--shifts", type=int, choices=(0, 4, 8), default=0,
+    parser.add_argument("--shifts", type=int, choices=tuple(SHIFTS), default=0,
                         help="add training copies moved by one 28x28 pixel in 4 (or 8) directions: 5x (9x) "
                              "the training images; the test images are not changed (default 0)")
     parser.add_argument("--train", type=int, default=None,
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lotus-rt mps: {exc}", file=sys.stderr)
         return 2
     x_train, y_train, x_test, y_test = mnist(size=args.size, shifts=args.shifts)
+    originals = len(x_train) // len(SHIFTS[args.shifts])  # they come first, then the shifted copies
     x_train, y_train = x_train[:args.train], y_train[:args.train]
     x_test, y_test = x_test[:args.test], y_test[:args.test]
     rt = runtime()
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
           f"workers={', '.join(name for _, name in rt.workers)}")
     print(f"MPS classifier: {clf.n_sites} sites ({args.size}x{args.size} MNIST), bond dim {args.bond_dim}, "
           f"{args.sweep} sweeps; {len(x_train)} training / {len(x_test)} test images"
-          + (f" (one-pixel shifts in {args.shifts} directions included)" if args.shifts else ""))
+          + (f" ({max(0, len(x_train) - originals)} of them shifted by one pixel)" if args.shifts else ""))
     progress = _Progress(args.sweeps, sys.stdout.isatty())
     rt.stats(reset=True)
     start = time.perf_counter()
